@@ -1,0 +1,98 @@
+"""The interface every stack offers: start, endpoints per mode, logs, wire records, stop.
+
+A stack is the set of processes (or containers) that serve one model twice: a router in
+gRPC mode in front of the server's gRPC listener, with the tap on that wire, and a router
+in HTTP mode in front of the server's HTTP listener. The replay only talks to a stack
+through this interface, so the CPU stack and the Docker stack are interchangeable.
+"""
+
+from __future__ import annotations
+
+import abc
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    from harness.capture import WireRecord
+
+
+class StackError(RuntimeError):
+    """A stack could not start or stopped working; the message names the component."""
+
+
+@dataclass
+class Endpoints:
+    """Base URLs of the stack once it is up."""
+
+    # The router in HTTP mode, e.g. "http://127.0.0.1:31001".
+    http_router: str
+    # The router in gRPC mode (its HTTP front; it talks gRPC to the worker).
+    grpc_router: str
+    # The server's own HTTP API (for the ``direct`` mode), or None when it has none.
+    server_http: str | None = None
+    # The server's gRPC listener, as "host:port", and the tap in front of it.
+    server_grpc: str | None = None
+    tap: str | None = None
+
+
+@dataclass
+class StackInfo:
+    """What a report says about the stack a run used."""
+
+    name: str
+    router: str
+    model_dir: str
+    served_model_name: str
+    versions: dict[str, str] = field(default_factory=dict)
+
+
+class Stack(abc.ABC):
+    """A started-on-enter, stopped-on-exit set of servers; cleans up when start fails."""
+
+    name: str = "stack"
+
+    def __enter__(self) -> "Stack":
+        try:
+            self.start()
+        except BaseException:
+            self.stop()
+            raise
+        return self
+
+    def __exit__(self, *exc_info: object) -> None:
+        self.stop()
+
+    @abc.abstractmethod
+    def start(self) -> None:
+        """Start every component and wait until a chat request succeeds in both modes."""
+
+    @abc.abstractmethod
+    def stop(self) -> None:
+        """Stop every component this stack started; safe to call twice or after a failed start."""
+
+    @property
+    @abc.abstractmethod
+    def endpoints(self) -> Endpoints:
+        """Return the endpoints; valid after ``start`` returned."""
+
+    @property
+    @abc.abstractmethod
+    def info(self) -> StackInfo:
+        """Return what the report says about this stack."""
+
+    @abc.abstractmethod
+    def wire_mark(self) -> int:
+        """Return the number of Generate calls the tap has recorded so far."""
+
+    @abc.abstractmethod
+    def wire_records_since(self, mark: int) -> list["WireRecord"]:
+        """Return the calls the tap recorded after ``mark``, waiting briefly for ones in flight."""
+
+    @abc.abstractmethod
+    def log_paths(self) -> dict[str, Path]:
+        """Return each component's log file, by component name."""
+
+    @abc.abstractmethod
+    def check_alive(self) -> None:
+        """Raise StackError naming the component that exited, with its log tail."""
