@@ -163,3 +163,202 @@ def _wire_from_dict(data: dict[str, Any]) -> WireRecord:
         error=data.get("error"),
         status_code=data.get("status_code"),
     )
+
+
+# ---------------------------------------------------------------------------------------------
+# Building captures from responses
+# ---------------------------------------------------------------------------------------------
+
+
+def _openai_logprobs(choice: dict[str, Any]) -> list[TokenLogprob] | None:
+    """Read the OpenAI ``logprobs.content`` list of a chat choice, or None when absent."""
+    logprobs = choice.get("logprobs")
+    if not logprobs or logprobs.get("content") is None:
+        return None
+    items = []
+    for entry in logprobs["content"]:
+        top = [(alt.get("token"), alt.get("logprob")) for alt in entry.get("top_logprobs") or []]
+        items.append(TokenLogprob(logprob=entry.get("logprob"), token=entry.get("token"), top=top))
+    return items
+
+
+def capture_chat_response(
+    case_id: str, mode: str, request: dict[str, Any], status: int, body: Any, elapsed_s: float
+) -> Capture:
+    """Build a capture from a non-streaming ``/v1/chat/completions`` response."""
+    capture = Capture(case_id=case_id, mode=mode, request=request, status=status, raw=body, elapsed_s=elapsed_s)
+    if status != 200 or not isinstance(body, dict) or "choices" not in body:
+        capture.error = _error_message(status, body)
+        return capture
+
+    for choice in body["choices"]:
+        message = choice.get("message") or {}
+        capture.choices.append(
+            ChoiceCapture(
+                index=choice.get("index", 0),
+                text=message.get("content") or "",
+                finish_reason=choice.get("finish_reason"),
+                matched_stop=choice.get("matched_stop"),
+                logprobs=_openai_logprobs(choice),
+            )
+        )
+    capture.choices.sort(key=lambda c: c.index)
+    capture.usage = _usage(body.get("usage"))
+    return capture
+
+
+def capture_chat_stream(
+    case_id: str, mode: str, request: dict[str, Any], status: int, events: list[Any], elapsed_s: float
+) -> Capture:
+    """Build a capture from the decoded ``data:`` objects of a streamed chat response."""
+    capture = Capture(case_id=case_id, mode=mode, request=request, status=status, raw=events, elapsed_s=elapsed_s)
+    if status != 200:
+        capture.error = _error_message(status, events[0] if events else None)
+        return capture
+
+    choices: dict[int, ChoiceCapture] = {}
+    for event in events:
+        if not isinstance(event, dict):
+            continue
+        if "error" in event:
+            capture.error = _error_message(status, event)
+        if event.get("usage"):
+            capture.usage = _usage(event["usage"])
+        for delta_choice in event.get("choices") or []:
+            index = delta_choice.get("index", 0)
+            choice = choices.setdefault(index, ChoiceCapture(index=index, text=""))
+            delta = delta_choice.get("delta") or {}
+            if delta.get("content"):
+                choice.text = (choice.text or "") + delta["content"]
+            logprobs = _openai_logprobs(delta_choice)
+            if logprobs:
+                choice.logprobs = (choice.logprobs or []) + logprobs
+            if delta_choice.get("finish_reason") is not None:
+                choice.finish_reason = delta_choice["finish_reason"]
+            if delta_choice.get("matched_stop") is not None:
+                choice.matched_stop = delta_choice["matched_stop"]
+    capture.choices = [choices[index] for index in sorted(choices)]
+    if not capture.choices and capture.error is None:
+        capture.error = "stream ended without any choice"
+    return capture
+
+
+def capture_generate_response(
+    case_id: str,
+    request: dict[str, Any],
+    prompt_ids: list[int],
+    status: int,
+    body: Any,
+    elapsed_s: float,
+) -> Capture:
+    """Build a ``direct`` capture from the server's native ``/generate`` response (one or a list)."""
+    capture = Capture(
+        case_id=case_id,
+        mode="direct",
+        request=request,
+        status=status,
+        raw=body,
+        elapsed_s=elapsed_s,
+        prompt_ids=list(prompt_ids),
+        prompt_ids_source="engine",
+    )
+    outputs = body if isinstance(body, list) else [body]
+    if status != 200 or not all(isinstance(o, dict) and "meta_info" in o for o in outputs):
+        capture.error = _error_message(status, body)
+        return capture
+
+    prompt_tokens = completion_tokens = 0
+    for index, output in enumerate(outputs):
+        meta = output["meta_info"]
+        finish = meta.get("finish_reason") or {}
+        finish_type = finish.get("type") if isinstance(finish, dict) else finish
+        capture.choices.append(
+            ChoiceCapture(
+                index=index,
+                text=output.get("text"),
+                output_ids=list(output.get("output_ids") or []),
+                output_ids_source="engine",
+                # The native API says "stop" for matched stops and "length" for max tokens,
+                # as the OpenAI API does; "abort" passes through.
+                finish_reason=finish_type,
+                matched_stop=finish.get("matched") if isinstance(finish, dict) else None,
+                logprobs=_native_logprobs(meta),
+            )
+        )
+        prompt_tokens = meta.get("prompt_tokens", prompt_tokens)
+        completion_tokens += meta.get("completion_tokens", 0)
+    capture.usage = {
+        "prompt_tokens": prompt_tokens,
+        "completion_tokens": completion_tokens,
+        "total_tokens": prompt_tokens + completion_tokens,
+    }
+    return capture
+
+
+def _native_logprobs(meta: dict[str, Any]) -> list[TokenLogprob] | None:
+    """Read sglang's ``output_token_logprobs`` ([logprob, id, text] triples) and top-k lists."""
+    entries = meta.get("output_token_logprobs")
+    if not entries:
+        return None
+    tops = meta.get("output_top_logprobs") or [None] * len(entries)
+    items = []
+    for entry, top in zip(entries, tops):
+        alternatives = [(alt[1], alt[0]) for alt in (top or [])]
+        items.append(TokenLogprob(logprob=entry[0], token_id=entry[1], token=entry[2] if len(entry) > 2 else None, top=alternatives))
+    return items
+
+
+def attach_wire(capture: Capture, records: list[WireRecord]) -> None:
+    """Fill the observed prompt ids and output ids of a gRPC-mode capture from the tap's records.
+
+    A chat request with ``n`` > 1 may reach the server as one Generate call with n set, or as
+    several calls; completions are matched to choices by their index in either case.
+    """
+    capture.wire = list(records)
+    generate_calls = [r for r in records if r.request.prompt_ids]
+    if not generate_calls:
+        return
+    capture.prompt_ids = list(generate_calls[0].request.prompt_ids)
+    capture.prompt_ids_source = "wire"
+
+    completions: list[WireCompletion] = []
+    for call_number, record in enumerate(generate_calls):
+        for completion in record.completions:
+            if len(generate_calls) > 1 and completion.index == 0:
+                completion = dataclasses.replace(completion, index=call_number)
+            completions.append(completion)
+    for completion in completions:
+        choice = next((c for c in capture.choices if c.index == completion.index), None)
+        if choice is None:
+            choice = ChoiceCapture(index=completion.index)
+            capture.choices.append(choice)
+        choice.output_ids = list(completion.output_ids)
+        choice.output_ids_source = "wire"
+    capture.choices.sort(key=lambda c: c.index)
+
+
+def retokenize_outputs(capture: Capture, tokenizer: Any) -> None:
+    """Derive output ids from the response text where nothing observed them (HTTP mode)."""
+    for choice in capture.choices:
+        if choice.output_ids is None and choice.text is not None:
+            choice.output_ids = list(tokenizer.encode(choice.text, add_special_tokens=False))
+            choice.output_ids_source = "retokenized"
+
+
+def _usage(usage: Any) -> dict[str, int] | None:
+    if not isinstance(usage, dict):
+        return None
+    return {key: value for key, value in usage.items() if isinstance(value, int)}
+
+
+def _error_message(status: int | None, body: Any) -> str:
+    """Summarize a failed response in one line: status and the server's own message."""
+    detail = body
+    if isinstance(body, dict):
+        error = body.get("error", body)
+        if isinstance(error, dict):
+            detail = error.get("message") or error.get("code") or error
+        else:
+            detail = error
+    text = detail if isinstance(detail, str) else json.dumps(detail)[:500]
+    return f"HTTP {status}: {text}"
