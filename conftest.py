@@ -1,0 +1,152 @@
+"""pytest plugin: YAML chat cases become test items, one per mode of each case.
+
+``pytest -k gemma`` collects ``cases/*.yaml`` (see ``testpaths``), starts one stack for the
+session on the first item, replays each case once in every mode it lists, and fails the
+item of each mode that has findings of severity "bug". A failure shows the token-level
+diff; the whole run is written to ``reports/<run-id>/`` when the session ends.
+
+The harness's own tests (``pytest tests``) never collect YAML files outside ``cases/``
+unless they are named on the command line, so they never start a stack.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+import pytest
+
+if TYPE_CHECKING:
+    from harness.run import Session
+
+# The harness modules are imported inside the hooks, so `pytest tests` does not depend on them
+# to start, and a broken module fails only the tests that use it.
+CASES_DIR = Path(__file__).resolve().parent / "cases"
+STACK_CHOICES = ("cpu", "docker", "auto")
+
+SESSION_KEY = pytest.StashKey["Session"]()
+
+
+def pytest_addoption(parser: pytest.Parser) -> None:
+    group = parser.getgroup("harness", "gateway HTTP/gRPC mode diagnosis")
+    group.addoption("--stack", default="cpu", choices=STACK_CHOICES, help="stack that serves the cases (default: cpu)")
+    group.addoption(
+        "--router",
+        default="sglang-router==0.3.2",
+        help="router release to test: sglang-router==X, smg==X, or 'installed' (default: sglang-router==0.3.2)",
+    )
+    group.addoption("--model-dir", type=Path, default=None, help="HF-format model folder (default: the Gemma 3 fixture)")
+
+
+def pytest_collect_file(parent: pytest.Collector, file_path: Path):
+    if file_path.suffix not in (".yaml", ".yml"):
+        return None
+    in_cases_dir = CASES_DIR in file_path.parents
+    named_on_command_line = any(Path(arg.split("::")[0]).resolve() == file_path for arg in parent.config.args)
+    if in_cases_dir or named_on_command_line:
+        return CaseFile.from_parent(parent, path=file_path)
+    return None
+
+
+def _session(config: pytest.Config) -> "Session":
+    from harness.run import Session, SessionConfig, UsageError
+
+    if SESSION_KEY not in config.stash:
+        try:
+            session = Session(
+                SessionConfig(
+                    stack=config.getoption("--stack"),
+                    router=config.getoption("--router"),
+                    model_dir=config.getoption("--model-dir"),
+                )
+            )
+        except UsageError as error:
+            raise pytest.UsageError(str(error)) from None
+        config.stash[SESSION_KEY] = session
+    return config.stash[SESSION_KEY]
+
+
+class CaseFileError(Exception):
+    """A case file does not load; the message is FILE:LINE:COLUMN: problem."""
+
+
+class CaseFile(pytest.File):
+    def repr_failure(self, excinfo, style=None):
+        if isinstance(excinfo.value, CaseFileError):
+            return str(excinfo.value)
+        return super().repr_failure(excinfo, style=style)
+
+
+    def collect(self):
+        from harness.cases import CaseError, load_cases
+
+        try:
+            cases = load_cases(self.path)
+        except CaseError as error:
+            raise CaseFileError(str(error)) from None
+        for case in cases:
+            for mode in case.modes:
+                yield CaseItem.from_parent(self, name=f"{case.id}[{mode}]", case=case, mode=mode)
+
+
+class CaseFindings(Exception):
+    """The mode under test has findings of severity bug; carries the case result."""
+
+    def __init__(self, result, mode: str):
+        super().__init__(f"{mode}: findings")
+        self.result = result
+        self.mode = mode
+
+
+class CaseItem(pytest.Item):
+    def __init__(self, *, case, mode: str, **kwargs):
+        super().__init__(**kwargs)
+        self.case = case
+        self.mode = mode
+        # Tags become keywords, so `pytest -k TAG` selects cases by tag as well as by id.
+        self.extra_keyword_matches.update(case.tags)
+
+    def runtest(self) -> None:
+        session = _session(self.config)
+        result = _case_result(session, self.case)
+        findings = [f for f in result.findings if f.side in (self.mode, "both")]
+        for finding in findings:
+            self.user_properties.append(("finding", f"{finding.kind.value}:{finding.layer.value}:{finding.severity.value}"))
+        if any(f.severity.value == "bug" for f in findings):
+            raise CaseFindings(result, self.mode)
+
+    def repr_failure(self, excinfo, style=None):
+        if isinstance(excinfo.value, CaseFindings):
+            from harness.report import format_case_failure
+
+            return format_case_failure(excinfo.value.result, mode=excinfo.value.mode)
+        return super().repr_failure(excinfo, style=style)
+
+    def reportinfo(self):
+        return self.path, self.case.line, f"case {self.case.id} in {self.mode} mode"
+
+
+def _case_result(session: "Session", case):
+    """Replay a case once for all its items and keep the result by case id."""
+    if case.id not in session.results_by_case:
+        session.results_by_case[case.id] = session.diagnose(case)
+    return session.results_by_case[case.id]
+
+
+def pytest_sessionfinish(session: pytest.Session, exitstatus: int) -> None:
+    harness_session = session.config.stash.get(SESSION_KEY, None)
+    if harness_session is None:
+        return
+    paths = harness_session.close()
+    reporter = session.config.pluginmanager.get_plugin("terminalreporter")
+    if reporter is None:
+        return
+    if harness_session.results:
+        from rich.console import Console
+
+        from harness.report import render_terminal
+
+        console = Console(file=reporter._tw._file, force_terminal=reporter.isatty)
+        render_terminal(harness_session.results, console)
+    if paths:
+        reporter.write_line(f"harness report: {paths.get('html') or harness_session.run_dir}")
