@@ -14,6 +14,8 @@ import sys
 # command -> (module, function taking argv and returning an exit code, help line)
 COMMANDS = {
     "run": ("harness.run", "main", "replay cases on a stack and report the findings"),
+    "matrix": ("harness.matrix", "main_matrix", "run cases once per router release and tabulate the findings"),
+    "bisect": ("harness.matrix", "main_bisect", "find the router release where a finding appears or goes away"),
     "validate": ("harness.cases", "main_validate", "check case files and report every error"),
     "fixture": ("harness.fixture", "main", "build the Gemma 3 fixture folder (fixture build)"),
     "engine": ("harness.engine.server", "main", "serve a model over sglang's gRPC and HTTP APIs on the CPU"),
