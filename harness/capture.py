@@ -64,6 +64,10 @@ class WireRequest:
     stream: bool
     return_logprob: bool = False
     top_logprobs_num: int = 0
+    # Sampling fields present on the wire: nonzero fields without presence, and fields with
+    # presence (e.g. max_new_tokens) that were set, even to 0.
+    sampling_params_set: list[str] = field(default_factory=list)
+    has_sampling_params: bool = True
 
 
 @dataclass
@@ -89,7 +93,15 @@ class WireRecord:
     chunks: list[dict[str, Any]] = field(default_factory=list)
     completions: list[WireCompletion] = field(default_factory=list)
     error: str | None = None
+    # The gRPC status name the call ended with ("OK", "CANCELLED", "DEADLINE_EXCEEDED", ...).
     status_code: str | None = None
+    # GenerateError.http_status_code, when the server sent a GenerateError.
+    error_http_status: str | None = None
+    # True when the router went away before the call ended.
+    cancelled: bool = False
+    # Unix time the call reached the tap, and its duration in seconds.
+    started_at: float = 0.0
+    elapsed_s: float = 0.0
 
 
 @dataclass
@@ -162,6 +174,10 @@ def _wire_from_dict(data: dict[str, Any]) -> WireRecord:
         completions=completions,
         error=data.get("error"),
         status_code=data.get("status_code"),
+        error_http_status=data.get("error_http_status"),
+        cancelled=data.get("cancelled", False),
+        started_at=data.get("started_at", 0.0),
+        elapsed_s=data.get("elapsed_s", 0.0),
     )
 
 
