@@ -258,3 +258,35 @@ class AllOf(WaitStrategy):
             if strategy.component is None:
                 strategy.component = self.component
             strategy.wait(process, max(0.0, deadline - time.monotonic()))
+
+
+class WorkerListed(WaitStrategy):
+    """Ready when the router's ``GET /workers`` lists a worker with URL ``worker_url``.
+
+    Both sglang-router 0.3.2 and smg 1.13.0 return ``{"workers": [{"url": ...}, ...]}``.
+    """
+
+    def __init__(self, base_url: str, worker_url: str, component: str | None = None,
+                 request_timeout_s: float = 5.0) -> None:
+        super().__init__(component)
+        self.target = base_url.rstrip("/") + "/workers"
+        self.worker_url = worker_url
+        self.request_timeout_s = request_timeout_s
+
+    def check(self) -> str | None:
+        import requests
+
+        try:
+            response = requests.get(self.target, timeout=self.request_timeout_s)
+        except requests.RequestException as error:
+            return f"GET failed: {type(error).__name__}: {error}"
+        if response.status_code != 200:
+            return f"GET returned {response.status_code}: {_short_body(response.text)}"
+        try:
+            workers = response.json().get("workers") or []
+        except (ValueError, AttributeError):
+            return f"GET returned a body that is not a JSON object: {_short_body(response.text)}"
+        urls = [worker.get("url") for worker in workers if isinstance(worker, dict)]
+        if self.worker_url in urls:
+            return None
+        return f"{self.worker_url} not among the listed workers {urls}"
