@@ -24,6 +24,8 @@ class Layer(str, Enum):
     DETOKENIZER = "detokenizer"
     WORKER_METADATA = "worker metadata"
     TRANSPORT = "transport"
+    # The router's own response fields (usage, finish_reason) disagree with what it observed.
+    RESPONSE = "response assembly"
 
 
 class Severity(str, Enum):
