@@ -74,6 +74,17 @@ class Sampling:
     ignore_eos: bool = False
 
 
+def default_modes(sampling: "Sampling") -> list[str]:
+    """Return the modes a case runs in when it names none.
+
+    The direct mode is only worth its decode time when outputs are comparable: a sampled,
+    unseeded case (like a temperature 0.7 request) gets no direct run by default.
+    """
+    if sampling.temperature == 0 or sampling.seed is not None:
+        return list(MODES)
+    return [mode for mode in MODES if mode != "direct"]
+
+
 @dataclass
 class Case:
     id: str
@@ -281,7 +292,7 @@ class _FileParser:
             messages=values["messages"],
             sampling=sampling,
             stream=values.get("stream", False),
-            modes=values.get("modes", list(MODES)),
+            modes=values.get("modes", default_modes(sampling)),
             tags=values.get("tags", []),
             description=values.get("description", ""),
             path=str(self.path),

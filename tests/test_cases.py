@@ -294,10 +294,18 @@ def test_case_fields_and_locations(tmp_path):
     assert body["n"] == 2
 
 
-def test_default_modes_are_all_three(tmp_path):
-    path = write(tmp_path, "modes.yaml", "cases:\n  - id: x\n    model: m\n    messages: [{role: user, content: hi}]\n")
-    (case,) = load_cases(path)
-    assert case.modes == ["http", "grpc", "direct"]
+def test_default_modes_depend_on_determinism(tmp_path):
+    body = "    model: m\n    messages: [{role: user, content: hi}]\n"
+    path = write(
+        tmp_path,
+        "modes.yaml",
+        "cases:\n  - id: sampled\n" + body + "  - id: greedy\n" + body + "    sampling: {temperature: 0}\n"
+        "  - id: seeded\n" + body + "    sampling: {temperature: 0.7, seed: 3}\n",
+    )
+    sampled, greedy, seeded = load_cases(path)
+    assert sampled.modes == ["http", "grpc"]
+    assert greedy.modes == ["http", "grpc", "direct"]
+    assert seeded.modes == ["http", "grpc", "direct"]
 
 
 def test_load_paths_rejects_duplicates_across_files():
