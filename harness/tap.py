@@ -392,7 +392,9 @@ class Tap:
                 requests, timeout=timeout,
                 metadata=_forwardable_metadata(context.invocation_metadata()))
             # Runs when this RPC ends for any reason; cancelling a finished call does nothing.
-            context.add_callback(call.cancel)
+            # add_callback returns False when the RPC has already ended.
+            if not context.add_callback(call.cancel):
+                call.cancel()
             try:
                 context.send_initial_metadata(call.initial_metadata() or ())
                 for response in call:
