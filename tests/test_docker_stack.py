@@ -493,6 +493,19 @@ def test_container_process_exit_and_masked_tail(tmp_path):
     assert process.wait_exit(5) == 1
 
 
+def test_container_process_exec_failure_is_stack_error(tmp_path):
+    class ExecFails(FakeApi):
+        def exec_create(self, container_id, cmd, **kwargs):
+            raise RuntimeError("409 Client Error: container abc is not running")
+
+    process = ContainerProcess(ExecFails(tmp_path, {}), "abcdef0123456789", "server-http", ["python3"],
+                               tmp_path / "server-http.log", f"{CONTAINER_LOG_DIR}/server-http.log")
+    with pytest.raises(StackError) as raised:
+        process.start()
+    assert str(raised.value) == (
+        "starting server-http in container abcdef012345 failed: 409 Client Error: container abc is not running")
+
+
 def test_container_process_running_has_no_returncode(tmp_path):
     api = FakeApi(tmp_path, {})
     process = ContainerProcess(api, "cid", "router-grpc", ["python3"], tmp_path / "router-grpc.log",

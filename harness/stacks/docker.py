@@ -412,8 +412,12 @@ class ContainerProcess:
         with open(self.log_path, "a") as log_file:
             log_file.write(f"--- {time.strftime('%H:%M:%S')} starting {self.name}: {shlex.join(self.argv)}\n")
         command = logged_command(self.argv, self.container_log_path)
-        self.exec_id = self.api.exec_create(self.container_id, command)["Id"]
-        self.api.exec_start(self.exec_id, detach=True)
+        try:
+            self.exec_id = self.api.exec_create(self.container_id, command)["Id"]
+            self.api.exec_start(self.exec_id, detach=True)
+        except Exception as error:  # noqa: BLE001 - docker.errors.APIError, or the engine went away
+            raise StackError(f"starting {self.name} in container {self.container_id[:12]} failed: "
+                             f"{str(error).splitlines()[0] if str(error) else type(error).__name__}") from None
         log.info("started %s in container %s, log: %s", self.name, self.container_id[:12], self.log_path)
 
     def _inspect(self) -> dict[str, Any]:
