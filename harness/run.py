@@ -92,15 +92,25 @@ class Session:
 
     @property
     def model_dir(self) -> Path:
-        """Return the model folder: the configured one, or the Gemma fixture (built if needed)."""
+        """Return the folder the reference reads the tokenizer, template and configs from.
+
+        That is the configured folder; otherwise, on the CPU stack, the Gemma fixture (built
+        if needed), and on the Docker stack the hub snapshot the servers downloaded into the
+        mounted HF cache, so reference and servers read the same files. On the Docker stack
+        without a configured folder, call this only after the stack started.
+        """
         if self._model_dir is None:
-            from harness.fixture import build_fixture, check_model_dir
+            from harness.fixture import SERVED_MODEL_NAME, build_fixture, check_model_dir
 
             if self.config.model_dir is not None:
                 check_model_dir(self.config.model_dir)
                 self._model_dir = self.config.model_dir
-            else:
+            elif self.stack_name == "cpu":
                 self._model_dir = build_fixture()
+            else:
+                from huggingface_hub import snapshot_download
+
+                self._model_dir = Path(snapshot_download(SERVED_MODEL_NAME, local_files_only=True))
         return self._model_dir
 
     @property
@@ -141,8 +151,8 @@ class Session:
         from harness.reference import build_reference
         from harness.replay import replay_case
 
-        reference = build_reference(case, self.model_dir, tokenizer=self.tokenizer)
         stack = self.stack()
+        reference = build_reference(case, self.model_dir, tokenizer=self.tokenizer)
         captures = replay_case(case, stack, reference, self.tokenizer)
         stack.check_alive()
         findings = compare(case, reference, captures, self.tokenizer)

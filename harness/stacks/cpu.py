@@ -24,7 +24,7 @@ from harness.capture import WireRecord
 from harness.stacks.base import Endpoints, Stack, StackError, StackInfo
 from harness.stacks.process import ManagedProcess, free_port, reap_leftovers
 from harness.stacks.routers import RouterRelease
-from harness.stacks.waiting import ChatSucceeds, HttpOk, PortOpen
+from harness.stacks.waiting import ChatSucceeds, GrpcHealthy, HttpOk, PortOpen
 from harness.tap import read_records
 
 log = logging.getLogger(__name__)
@@ -78,7 +78,7 @@ class CpuStack(Stack):
             ],
         )
         HttpOk(f"http://{HOST}:{engine_http}/health", component="engine").wait(engine, ENGINE_START_TIMEOUT_S)
-        PortOpen(HOST, engine_grpc, component="engine gRPC listener").wait(engine, ENGINE_START_TIMEOUT_S)
+        GrpcHealthy(f"{HOST}:{engine_grpc}", component="engine gRPC listener").wait(engine, ENGINE_START_TIMEOUT_S)
         log.info("engine ready after %.1f s (gRPC %d, HTTP %d)", time.monotonic() - started, engine_grpc, engine_http)
 
         tap = self._spawn(
