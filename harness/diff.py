@@ -11,7 +11,7 @@ every token. Cases sampled without a seed are compared only on what sampling can
 prompt ids, stop sets, parameters on the wire, usage consistency and finish semantics (a
 stop at output position 0 on one side only). Output ids that only exist as re-encoded text
 (``retokenized``) are weaker evidence than ids seen on the wire or returned by the engine,
-and every finding built on them says so.
+so token comparisons built on them state it in their explanation.
 """
 
 from __future__ import annotations
@@ -159,7 +159,12 @@ def align_tokens(
             for offset in range(max(i2 - i1, j2 - j1)):
                 i = i1 + offset if i1 + offset < i2 else None
                 j = j1 + offset if j1 + offset < j2 else None
-                status = "changed" if i is not None and j is not None else ("missing" if j is None else "extra")
+                if i is not None and j is not None:
+                    status = "changed"
+                elif j is None:
+                    status = "missing"
+                else:
+                    status = "extra"
                 rows.append(_row(tokenizer, reference, status, i, expected, j, observed))
         elif tag == "delete":
             for i in range(i1, i2):
@@ -177,7 +182,7 @@ def align_tokens(
                 focus_row = n
                 break
     last_change = focus_row
-    while last_change + 1 < len(rows) and rows[last_change + 1]["status"] != "match" and last_change - focus_row < 8:
+    while last_change + 1 < len(rows) and rows[last_change + 1]["status"] != "match" and last_change - focus_row < 4:
         last_change += 1
     start = max(0, focus_row - context)
     end = min(len(rows), last_change + 1 + context)
@@ -215,7 +220,12 @@ def _row(
 
 def _text_context(text: str, index: int, width: int = 24) -> str:
     start = max(0, index - width)
-    return ("…" if start else "") + text[start : index + width] + ("…" if index + width < len(text) else "")
+    excerpt = text[start : index + width]
+    if start:
+        excerpt = "…" + excerpt
+    if index + width < len(text):
+        excerpt += "…"
+    return excerpt
 
 
 def _first_text_difference(left: str, right: str) -> int:
@@ -264,7 +274,9 @@ def outputs_of(capture: Capture, tokenizer: Tokenizer) -> list[Output]:
             ids, source = list(completion.output_ids), "wire"
         if ids is None and choice.text is not None:
             ids, source = tokenizer.encode(choice.text, add_special_tokens=False), "retokenized"
-        logprobs = choice.logprobs if choice.logprobs is not None else (completion.logprobs if completion else None)
+        logprobs = choice.logprobs
+        if logprobs is None and completion is not None:
+            logprobs = completion.logprobs
         outputs.append(
             Output(
                 mode=capture.mode,

@@ -255,7 +255,7 @@ def direct_capture(
 
 
 def reported_captures(case: Case, original_text: str | None = None) -> dict[str, Capture]:
-    """Return the captures of the user report: gRPC answers <end_of_turn> at once, HTTP answers."""
+    """Return the captures of the user report: gRPC returns only <end_of_turn>, HTTP returns text."""
     reference = make_reference(case)
     without_bos = reference.prompt_ids[1:]
     if original_text is None:
