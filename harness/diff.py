@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import dataclasses
 import difflib
+import json
 import math
 from dataclasses import dataclass, field
 from typing import Any, Iterable, Protocol, Sequence
@@ -502,7 +503,8 @@ def check_prompt(context: _Context, capture: Capture) -> list[Finding]:
     if observed == expected:
         return []
 
-    original_text = capture.wire[0].request.original_text if capture.wire else None
+    # smg 1.13.0 sends an empty original_text, which says nothing about the rendered text.
+    original_text = (capture.wire[0].request.original_text or None) if capture.wire else None
     source = capture.prompt_ids_source or "unknown"
     base = {"stream": "prompt", "evidence": {"prompt_ids_source": source}}
     findings: list[Finding] = []
@@ -549,7 +551,7 @@ def check_prompt(context: _Context, capture: Capture) -> list[Finding]:
 
 def _missing_bos(context, capture, expected, observed, original_text, base) -> Finding:
     bos, bos_text = context.reference.bos_id, context.bos_text
-    if original_text is None or original_text == "":
+    if original_text is None:
         layer = Layer.CHAT_TEMPLATE
         cause = (
             "the wire carries no original_text, so it cannot tell whether the template rendered "
@@ -724,65 +726,122 @@ def _with_evidence(base: dict[str, Any], **evidence: Any) -> dict[str, Any]:
 # ---------------------------------------------------------------------------------------
 # Worker metadata
 
-# Reference attribute -> keys a router or server may use for it in its worker metadata.
-METADATA_FIELDS = {
-    "vocab_size": ("vocab_size",),
-    "bos_id": ("bos_token_id",),
-    "eos_ids": ("eos_token_ids", "eos_token_id"),
-    "model_type": ("model_type",),
-    "architectures": ("architectures",),
-    "max_context_length": ("max_context_length", "context_length", "max_model_len"),
-}
+def _parse_int(value: Any) -> int | None:
+    if isinstance(value, bool):
+        return None
+    if isinstance(value, int):
+        return value
+    if isinstance(value, str) and value.strip().lstrip("-").isdigit():
+        return int(value.strip())
+    return None
 
 
-def find_metadata_value(metadata: Any, keys: Sequence[str]) -> Any:
-    """Return the first value under one of ``keys`` at any depth of ``metadata``, else None."""
+def _parse_list(value: Any) -> list[Any] | None:
+    """Read a list given as a list, a JSON string ("[1,106]") or a comma-separated string."""
+    if isinstance(value, list):
+        return value
+    if isinstance(value, str):
+        try:
+            parsed = json.loads(value)
+        except ValueError:
+            parsed = [part.strip() for part in value.split(",") if part.strip()]
+        return parsed if isinstance(parsed, list) else [parsed]
+    if isinstance(value, int) and not isinstance(value, bool):
+        return [value]
+    return None
+
+
+def _parse_int_list(value: Any) -> list[int] | None:
+    items = _parse_list(value)
+    if items is None:
+        return None
+    numbers = [_parse_int(item) for item in items]
+    return None if any(n is None for n in numbers) else sorted(numbers)
+
+
+def _parse_name(value: Any) -> str | None:
+    return value if isinstance(value, str) and value else None
+
+
+def _parse_names(value: Any) -> list[str] | None:
+    items = _parse_list(value)
+    return [str(item) for item in items] if items else None
+
+
+@dataclass(frozen=True)
+class MetadataField:
+    """One model fact in a router's worker entry: where to look and how to read it."""
+
+    name: str
+    # Reference attribute holding the model's value.
+    attribute: str
+    # Keys to look for, best first. smg 1.13.0 lists capabilities under models[].model_type,
+    # so the HF model type is read from hf_model_type before model_type.
+    keys: tuple[str, ...]
+    parse: Any
+
+
+# Both sglang-router 0.3.2 (under "metadata") and smg 1.13.0 (under "labels") report these
+# as strings, e.g. "eos_token_ids": "[1,106]"; smg also nests a "models" list.
+METADATA_FIELDS = (
+    MetadataField("vocab_size", "vocab_size", ("vocab_size",), _parse_int),
+    MetadataField("bos_token_id", "bos_id", ("bos_token_id",), _parse_int),
+    MetadataField("eos_token_ids", "eos_ids", ("eos_token_ids", "eos_token_id"), _parse_int_list),
+    MetadataField("model_type", "model_type", ("hf_model_type", "model_type"), _parse_name),
+    MetadataField("architectures", "architectures", ("architectures",), _parse_names),
+    MetadataField(
+        "max_context_length", "max_context_length", ("max_context_length", "context_length", "max_model_len"), _parse_int
+    ),
+)
+
+
+def find_metadata_value(metadata: Any, keys: Sequence[str], parse: Any = None) -> Any:
+    """Return the first readable value under one of ``keys`` at any depth of ``metadata``.
+
+    Keys are tried in order at each level before descending. ``parse`` turns a raw value
+    into the expected type or None, and a None result keeps the search going.
+    """
     if isinstance(metadata, dict):
         for key in keys:
             if key in metadata and metadata[key] not in (None, "", []):
-                return metadata[key]
+                value = parse(metadata[key]) if parse else metadata[key]
+                if value is not None:
+                    return value
         for value in metadata.values():
-            found = find_metadata_value(value, keys)
+            found = find_metadata_value(value, keys, parse)
             if found is not None:
                 return found
     elif isinstance(metadata, list):
         for value in metadata:
-            found = find_metadata_value(value, keys)
+            found = find_metadata_value(value, keys, parse)
             if found is not None:
                 return found
     return None
 
 
 def check_worker_metadata(context: _Context, capture: Capture) -> list[Finding]:
+    """Compare the model facts in the router's worker entry with the model's config files."""
     metadata = capture.worker_metadata
     if not metadata:
         return []
-    reference = context.reference
     findings = []
-    for attribute, keys in METADATA_FIELDS.items():
-        expected = getattr(reference, attribute)
-        observed = find_metadata_value(metadata, keys)
+    for spec in METADATA_FIELDS:
+        expected = getattr(context.reference, spec.attribute)
+        observed = find_metadata_value(metadata, spec.keys, spec.parse)
         if observed is None or expected is None:
             continue
-        if attribute == "eos_ids":
-            observed_set = {int(v) for v in (observed if isinstance(observed, list) else [observed])}
-            if observed_set == set(expected):
-                continue
-            detail = ""
-            missing = set(expected) - observed_set
+        detail = ""
+        if spec.name == "eos_token_ids":
+            expected = sorted(expected)
+            missing = set(expected) - set(observed)
             if missing:
                 detail = f"; missing {context.stop_list(missing)}"
-            expected_value, observed_value = sorted(expected), sorted(observed_set)
-        elif attribute == "architectures":
-            if list(observed) == list(expected):
-                continue
-            detail, expected_value, observed_value = "", list(expected), list(observed)
-        else:
-            if str(observed) == str(expected):
-                continue
-            detail, expected_value, observed_value = "", expected, observed
+        elif spec.name == "architectures":
+            expected = list(expected)
+        if observed == expected:
+            continue
         severity = Severity.BUG
-        if attribute == "max_context_length" and int(observed) < int(expected):
+        if spec.name == "max_context_length" and observed < expected:
             # A server may cap the context below the model's limit on purpose (--context-length).
             severity = Severity.INFO
         findings.append(
@@ -790,12 +849,12 @@ def check_worker_metadata(context: _Context, capture: Capture) -> list[Finding]:
                 Kind.WORKER_METADATA_MISMATCH,
                 Layer.WORKER_METADATA,
                 capture.mode,
-                f"The {capture.mode} worker metadata reports {keys[0]}={observed_value!r} but the model's "
-                f"config says {expected_value!r}{detail}; the router holds metadata that is not this model's.",
+                f"The {capture.mode} worker metadata reports {spec.name}={observed!r} but the model's "
+                f"config says {expected!r}{detail}; the router holds metadata that is not this model's.",
                 severity=severity,
-                expected=expected_value,
-                observed=observed_value,
-                evidence={"field": keys[0]},
+                expected=expected,
+                observed=observed,
+                evidence={"field": spec.name},
             )
         )
     return findings

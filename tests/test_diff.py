@@ -204,6 +204,15 @@ def test_template_drift_tokenizer_layer():
     assert finding.expected == [11355]
 
 
+def test_template_drift_without_rendered_text():
+    case = make_case()
+    ids = REFERENCE_PROMPT_IDS[:4] + [9999] + REFERENCE_PROMPT_IDS[5:]
+    finding = only(run(case, {"grpc": grpc_capture(case, prompt_ids=ids, original_text="")}), Kind.TEMPLATE_DRIFT)
+    assert finding.layer == Layer.CHAT_TEMPLATE
+    assert "no rendered text was observed" in finding.explanation
+    assert "text_difference" not in finding.evidence
+
+
 def test_missing_bos_and_drift_together():
     case = make_case()
     ids = REFERENCE_PROMPT_IDS[1:4] + [9999] + REFERENCE_PROMPT_IDS[5:]
@@ -415,6 +424,64 @@ def test_worker_metadata_matching_is_quiet():
 def test_find_metadata_value_nested():
     assert find_metadata_value({"a": [{"b": {"vocab_size": 5}}]}, ["vocab_size"]) == 5
     assert find_metadata_value({"vocab_size": None}, ["vocab_size"]) is None
+
+
+# Worker entries of GET /workers as sglang-router 0.3.2 and smg 1.13.0 returned them for a
+# worker that reported Gemma 3's model info (trimmed to the model facts).
+SGLANG_ROUTER_032_WORKER = {
+    "url": "grpc://127.0.0.1:36429",
+    "model_id": "google/gemma-3-270m-it",
+    "connection_mode": "gRPC",
+    "metadata": {
+        "model_type": "gemma3_text",
+        "eos_token_ids": "[1,106]",
+        "bos_token_id": "2",
+        "architectures": '["Gemma3ForCausalLM"]',
+        "vocab_size": "262144",
+        "max_context_length": "32768",
+    },
+}
+SMG_1_13_WORKER = {
+    "url": "grpc://127.0.0.1:36041",
+    "models": [
+        {
+            "id": "google/gemma-3-270m-it",
+            "model_type": ["chat", "completions", "responses", "tools"],
+            "hf_model_type": "gemma3_text",
+            "architectures": ["Gemma3ForCausalLM"],
+            "context_length": 32768,
+        }
+    ],
+    "labels": {
+        "model_type": "gemma3_text",
+        "eos_token_ids": "[1,106]",
+        "vocab_size": "262144",
+        "max_context_length": "32768",
+        "bos_token_id": "2",
+        "architectures": '["Gemma3ForCausalLM"]',
+    },
+}
+
+
+@pytest.mark.parametrize("worker", [SGLANG_ROUTER_032_WORKER, SMG_1_13_WORKER], ids=["sglang-router-0.3.2", "smg-1.13.0"])
+def test_worker_metadata_router_shapes(worker):
+    case = make_case()
+    assert run(case, {"grpc": grpc_capture(case, worker_metadata=worker)}) == []
+
+
+@pytest.mark.parametrize("worker", [SGLANG_ROUTER_032_WORKER, SMG_1_13_WORKER], ids=["sglang-router-0.3.2", "smg-1.13.0"])
+def test_worker_metadata_reported_strings(worker):
+    case = make_case()
+    worker = json.loads(json.dumps(worker))
+    labels = worker.get("metadata") or worker["labels"]
+    labels.update({"vocab_size": "128256", "bos_token_id": "1", "eos_token_ids": "[1]"})
+    findings = run(case, {"grpc": grpc_capture(case, worker_metadata=worker)})
+    by_field = {f.evidence["field"]: f for f in findings if f.kind == Kind.WORKER_METADATA_MISMATCH}
+    assert set(by_field) == {"vocab_size", "bos_token_id", "eos_token_ids"}
+    assert by_field["vocab_size"].observed == 128256
+    assert by_field["bos_token_id"].observed == 1
+    assert by_field["eos_token_ids"].observed == [1]
+    assert by_field["eos_token_ids"].expected == [1, 106]
 
 
 @pytest.mark.parametrize(
