@@ -404,9 +404,16 @@ def compare(case: Case, reference: Reference, captures: dict[str, Capture], toke
             findings += check_detokenizer(context, capture, outputs[mode])
 
     findings += check_stop_strings(context, outputs)
-    prompt_sides = {f.side for f in findings if f.kind in PROMPT_KINDS or f.kind == Kind.PROMPT_COUNT_MISMATCH}
+    # The layer of each side's first prompt finding, which explains what its output does next.
+    prompt_layers: dict[str, Layer] = {}
+    for finding in findings:
+        differs = finding.kind in PROMPT_KINDS or (
+            finding.kind == Kind.PROMPT_COUNT_MISMATCH and finding.layer != Layer.RESPONSE
+        )
+        if differs:
+            prompt_layers.setdefault(finding.side, finding.layer)
     for side, baseline in _pairs(outputs):
-        findings += compare_outputs(context, outputs[side], outputs[baseline], side in prompt_sides)
+        findings += compare_outputs(context, outputs[side], outputs[baseline], prompt_layers.get(side))
     return order_findings(_drop_duplicates(findings))
 
 
@@ -1236,7 +1243,7 @@ def check_detokenizer(context: _Context, capture: Capture, outputs: list[Output]
 
 
 def compare_outputs(
-    context: _Context, side_outputs: list[Output], baseline_outputs: list[Output], side_prompt_differs: bool
+    context: _Context, side_outputs: list[Output], baseline_outputs: list[Output], prompt_layer: Layer | None
 ) -> list[Finding]:
     """Compare one side's choices with the baseline's: spurious stops, divergence, near-ties."""
     findings: list[Finding] = []
@@ -1245,10 +1252,10 @@ def compare_outputs(
         baseline = baseline_by_index.get(output.index)
         if baseline is None:
             continue
-        findings += _spurious_stops(context, output, baseline, side_prompt_differs)
-        findings += _spurious_stops(context, baseline, output, False)
+        findings += _spurious_stops(context, output, baseline, prompt_layer)
+        findings += _spurious_stops(context, baseline, output, None)
         if context.case.deterministic:
-            findings += _divergence(context, output, baseline, side_prompt_differs)
+            findings += _divergence(context, output, baseline, prompt_layer)
             findings += _finish_across(context, output, baseline)
     return findings
 
@@ -1266,7 +1273,7 @@ def _comparable_ids(context: _Context, output: Output, baseline: Output) -> tupl
     return encoded(output), encoded(baseline), True
 
 
-def _spurious_stops(context: _Context, stopped: Output, other: Output, prompt_differs: bool) -> list[Finding]:
+def _spurious_stops(context: _Context, stopped: Output, other: Output, prompt_layer: Layer | None) -> list[Finding]:
     """Report ``stopped`` ending on a token at a position that ``other`` generated past."""
     event = stop_event(stopped, context.stop_ids | stopped.wire_stop_ids)
     if event is None or isinstance(event[1], str):
@@ -1279,19 +1286,18 @@ def _spurious_stops(context: _Context, stopped: Output, other: Output, prompt_di
     stop_on_other_side = token_id in context.stop_ids | other.wire_stop_ids
     deterministic = context.case.deterministic
 
+    if deterministic and stop_on_other_side:
+        # Either the other side chose another token (a divergence) or it generated the stop
+        # id and went on, which check_stop_set reports on that side.
+        return []
     if deterministic and stopped.observed and other.observed:
-        prefix = common_prefix_length(stopped.ids or [], other.ids or [])
-        if prefix < position:
+        if common_prefix_length(stopped.ids or [], other.ids or []) < position:
             return []  # the streams diverged before the stop; the divergence finding covers it
-        if stop_on_other_side and (other.ids or [])[position] != token_id:
-            return []  # the other side chose another token; that is a divergence, not a stop
     elif deterministic:
         # One side's ids are re-encoded text: the other side must have generated the same
         # text and more, or the streams diverged before the stop.
         if stopped.text is None or other.text is None or not other.text.startswith(stopped.text):
             return []
-        if stop_on_other_side:
-            return []  # without the other side's ids, it cannot be shown that it generated the id
     elif position != 0:
         return []  # a sampled stream may stop anywhere; only a stop at position 0 is compared
 
@@ -1299,16 +1305,12 @@ def _spurious_stops(context: _Context, stopped: Output, other: Output, prompt_di
         severity = Severity.BUG
         layer = Layer.STOP_SET
         cause = f"{token_id} is a stop id on {stopped.mode} only, so its stop set has an extra id"
-    elif deterministic:
-        severity = Severity.BUG
-        layer = Layer.STOP_SET
-        cause = f"{other.mode} generated the same id and went on, so its stop set lacks {token_id}"
     else:
         severity = Severity.INFO
         layer = Layer.SAMPLING
         cause = f"{token_id} is a stop id on both sides and the case is sampled without a seed, so this can be chance"
-        if prompt_differs:
-            layer = Layer.CHAT_TEMPLATE
+        if prompt_layer is not None:
+            layer = prompt_layer
             cause = (
                 f"{token_id} is a stop id on both sides; the prompt findings on {stopped.mode} above are the "
                 "likely cause, because the model ends its turn at once on a malformed prompt"
@@ -1349,7 +1351,7 @@ def _output_excerpt(context: _Context, output: Output, limit: int = 60) -> str |
     return text if len(text) <= limit else text[:limit] + "…"
 
 
-def _divergence(context: _Context, output: Output, baseline: Output, prompt_differs: bool) -> list[Finding]:
+def _divergence(context: _Context, output: Output, baseline: Output, prompt_layer: Layer | None) -> list[Finding]:
     """Report the first output token where a deterministic side departs from the baseline."""
     if output.ids is None or baseline.ids is None:
         return []
@@ -1389,8 +1391,8 @@ def _divergence(context: _Context, output: Output, baseline: Output, prompt_diff
                 evidence=evidence,
             )
         ]
-    if prompt_differs:
-        severity, layer = Severity.INFO, Layer.CHAT_TEMPLATE
+    if prompt_layer is not None:
+        severity, layer = Severity.INFO, prompt_layer
         cause = f"the prompt ids of {output.mode} differ (see above), which explains a different answer"
     elif output.logprobs and baseline.logprobs:
         severity, layer = Severity.BUG, Layer.SAMPLING

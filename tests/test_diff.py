@@ -306,6 +306,16 @@ def test_spurious_stop_greedy():
     assert Kind.STOP_SET_EXTRA not in kinds(findings)
 
 
+def test_continuing_past_stop_blames_that_side():
+    case = make_case()
+    ids = answer_ids() + [END_OF_TURN] + answer_ids("Also") + [END_OF_TURN]
+    findings = run(case, {"grpc": grpc_capture(case, output_ids=ids), "direct": direct_capture(case)})
+    missing = only(findings, Kind.STOP_SET_MISSING)
+    assert missing.side == "grpc"
+    assert missing.position == len(answer_ids())
+    assert Kind.SPURIOUS_STOP not in kinds(findings)
+
+
 def test_spurious_stop_sampled_one_side_id():
     case = make_case(temperature=0.7, max_tokens=512)
     first = answer_ids()[0]
