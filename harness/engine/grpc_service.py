@@ -23,7 +23,7 @@ from concurrent import futures
 from typing import Any, Iterator
 
 import grpc
-from google.protobuf import descriptor_pb2, descriptor_pool, message_factory
+from google.protobuf import descriptor_pb2, descriptor_pool, message_factory, text_format
 from google.protobuf.struct_pb2 import Struct
 from google.protobuf.timestamp_pb2 import Timestamp
 from smg_grpc_proto.generated import sglang_scheduler_pb2 as pb
@@ -75,9 +75,9 @@ GenerateError, GenerateErrorResponse = _declare_error_messages()
 def sampling_from_proto(params: pb.SamplingParams) -> SamplingConfig:
     """Convert proto3 sampling params the way sglang 0.5.7's gRPC server does.
 
-    Numeric fields are passed through as sent (a proto3 default of 0 stays 0, so temperature
-    0 means greedy); max_new_tokens is None when unset (sglang then lets the request run to
-    the context limit); stop lists become None-equivalent when empty.
+    Numeric fields are passed through as sent, so a proto3 default of 0 stays 0 and
+    temperature 0 means greedy. An unset max_new_tokens becomes None, and sglang then lets
+    the request run to the context limit. Empty stop lists mean no stop strings or ids.
     """
     config = SamplingConfig(
         max_new_tokens=params.max_new_tokens if params.HasField("max_new_tokens") else None,
@@ -202,11 +202,12 @@ class SchedulerServicer:
             stream=request.stream,
         )
         log.debug(
-            "Generate %s prompt ids %s, sampling %s, stream=%s",
+            "Generate %s prompt ids %s, sampling params as sent {%s}, stream=%s, return_logprob=%s",
             request_id,
             data.input_ids,
-            params,
+            text_format.MessageToString(request.sampling_params, as_one_line=True),
             request.stream,
+            request.return_logprob,
         )
         try:
             handle = self.scheduler.submit(data)

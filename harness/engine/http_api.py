@@ -10,8 +10,8 @@ Behaviour follows sglang 0.5.7 (``srt/entrypoints/http_server.py`` and
   content (without a leading <bos>);
 - ``max_tokens`` wins over ``max_completion_tokens``; temperature, top_p, top_k, min_p and
   repetition_penalty fall back to generation_config.json, then to OpenAI defaults;
-- the text drops the matched stop token and is cut before a matched stop string, unless
-  ``no_stop_trim``; ``skip_special_tokens`` decides whether special tokens appear in it;
+- unless ``no_stop_trim`` is set, the text drops the matched stop token and ends before a
+  matched stop string. ``skip_special_tokens`` decides whether special tokens appear in it;
 - ``separate_reasoning`` has no effect because no reasoning parser is configured.
 """
 
@@ -91,6 +91,16 @@ class HttpApi:
             }
         )
         return info
+
+    def load(self) -> dict[str, Any]:
+        # NOTE: the engine counts requests, not tokens; num_tokens stays 0.
+        return {
+            "dp_rank": 0,
+            "num_reqs": self.scheduler.active_requests,
+            "num_waiting_reqs": 0,
+            "num_tokens": 0,
+            "ts_tic": time.time(),
+        }
 
     def models(self) -> dict[str, Any]:
         meta = self.metadata
@@ -327,6 +337,8 @@ class _Handler(BaseHTTPRequestHandler):
             self._send_json(200, api.server_info())
         elif path == "/v1/models":
             self._send_json(200, api.models())
+        elif path == "/get_load":
+            self._send_json(200, [api.load()])
         else:
             self._send_error(404, f"no route for GET {path}")
 
@@ -340,6 +352,7 @@ class _Handler(BaseHTTPRequestHandler):
         body = self._read_json()
         if body is None:
             return
+        log.debug("POST %s body %s", path, json.dumps(body))
         try:
             handler(body)
         except RequestError as error:
@@ -462,6 +475,7 @@ class _Handler(BaseHTTPRequestHandler):
         if data.stream:
             self._chat_stream(data, model, body)
             return
+
         results = sorted((e for e in self._run(data) if isinstance(e, FinishEvent)), key=lambda e: e.index)
         choices = []
         for event in results:
@@ -480,6 +494,7 @@ class _Handler(BaseHTTPRequestHandler):
                     "matched_stop": reason.get("matched"),
                 }
             )
+
         prompt_tokens = results[0].prompt_tokens if results else len(prompt_ids)
         completion_tokens = sum(e.completion_tokens for e in results)
         self._send_json(

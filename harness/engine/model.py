@@ -1,19 +1,28 @@
 """Gemma 3 text model on the CPU: weights, prefill, KV-cache decode and model metadata.
 
 The weights come from an HF-format folder through transformers, so the numbers are the ones
-transformers computes. The forward pass is our own, for speed: one token of decode reads
-every weight once, and torch's matrix-vector kernel on an (out, in) weight runs at about
-12 GB/s on the 2-core machine this was measured on, while the same product against the
-transposed (in, out) copy runs at about 21 GB/s. So every projection, and the tied
-embedding used as the output head, is kept transposed, q/k/v and gate/up are fused, and
-the KV cache is preallocated per sequence. Greedy output stays token for token equal to
+transformers computes. The forward pass is our own, for speed, because one token of decode
+reads every weight once. On the 2-core machine this was measured on, torch's
+matrix-vector kernel read an (out, in) weight at about 12 GB/s and the transposed (in, out)
+copy at about 21 GB/s. So every projection, and the tied embedding used as the output head,
+is kept transposed, q/k/v and gate/up are fused, and the KV cache is preallocated per
+sequence. Greedy output stays token for token equal to
 transformers' ``generate`` (checked by tests/test_engine.py).
+
+The output head is the largest read (262144 x 640). torch's own threads did not speed up
+its matrix-vector product (about 20 GB/s with 1 or 2 threads), while the same product split
+by vocabulary columns over 2 Python threads, each running torch with 1 thread, read about
+44 GB/s. So torch runs single-threaded and the head is split over a small thread pool; the
+smaller per-layer products stay single-threaded because a pool dispatch per product cost
+more than it saved (measured with benchmarks/engine_decode.py on a 2-core machine).
 """
 
 from __future__ import annotations
 
 import json
 import logging
+import os
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -27,12 +36,12 @@ DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16}
 
 
 class ModelLoadError(RuntimeError):
-    """The model folder is missing, incomplete or holds an unsupported architecture."""
+    """The model folder is missing, incomplete or contains an unsupported architecture."""
 
 
 @dataclass
 class ModelMetadata:
-    """What GetModelInfo and /model_info report, read from the folder's own files."""
+    """Model facts that GetModelInfo and /model_info report, read from the folder's own files."""
 
     model_path: str
     served_model_name: str
@@ -136,12 +145,13 @@ class GemmaModel:
     """A Gemma 3 text model with a preallocated per-sequence KV cache."""
 
     def __init__(self, model_dir: Path, dtype: str = "float32", threads: int | None = None):
+        """Load the weights; ``threads`` is how many threads compute the output head (default: CPU count)."""
         from transformers import AutoConfig, AutoModelForCausalLM
 
         if dtype not in DTYPES:
             raise ModelLoadError(f"unsupported dtype {dtype!r}; use one of {', '.join(DTYPES)}")
-        if threads:
-            torch.set_num_threads(threads)
+        self.head_threads = max(1, threads or os.cpu_count() or 1)
+        torch.set_num_threads(1)
         self.dtype = DTYPES[dtype]
 
         config = AutoConfig.from_pretrained(model_dir)
@@ -174,8 +184,11 @@ class GemmaModel:
         with torch.no_grad():
             self.embedding = body.embed_tokens.weight.detach().clone()
             self.embed_scale = body.embed_tokens.embed_scale.to(self.dtype)
-            # The output head (tied to the embedding in Gemma 3) transposed to (hidden, vocab).
-            self.lm_head_t = hf_model.lm_head.weight.detach().t().contiguous()
+            # The output head (tied to the embedding in Gemma 3) transposed to (hidden, vocab)
+            # and cut by vocabulary columns, one part per head thread.
+            head = hf_model.lm_head.weight.detach()
+            part_size = -(-head.shape[0] // self.head_threads)
+            self.lm_head_parts = [part.t().contiguous() for part in head.split(part_size, dim=0)]
             self.final_norm = 1.0 + body.norm.weight.detach().float()
             rotary = body.rotary_emb
             self.layers = []
@@ -202,6 +215,9 @@ class GemmaModel:
                         attention_scaling=float(getattr(rotary, f"{layer_type}_attention_scaling")),
                     )
                 )
+        self._head_pool = None
+        if len(self.lm_head_parts) > 1:
+            self._head_pool = ThreadPoolExecutor(len(self.lm_head_parts), thread_name_prefix="engine-head")
         self.q_size = self.num_heads * self.head_dim
         self.kv_size = self.num_kv_heads * self.head_dim
 
@@ -271,7 +287,7 @@ class GemmaModel:
 
             first = 0
             if layer.sliding_window is not None:
-                # A query at position p sees keys at positions > p - window.
+                # A query at position p attends to keys at positions > p - window.
                 first = max(0, start - layer.sliding_window + 1)
             keys = cache.keys[index, first:end]  # (S, kv_heads, head_dim)
             values = cache.values[index, first:end]
@@ -290,10 +306,17 @@ class GemmaModel:
 
         cache.length = end
         last = self._rms_norm(hidden[-1:], self.final_norm)
-        logits = (last @ self.lm_head_t)[0].float()
+        logits = self._output_head(last)
         if self.final_softcap is not None:
             logits = torch.tanh(logits / self.final_softcap) * self.final_softcap
         return logits
+
+    def _output_head(self, last: torch.Tensor) -> torch.Tensor:
+        """Return float32 logits of one hidden state, the vocabulary parts computed in parallel."""
+        if self._head_pool is None:
+            return (last @ self.lm_head_parts[0])[0].float()
+        futures = [self._head_pool.submit(torch.mm, last, part) for part in self.lm_head_parts]
+        return torch.cat([future.result() for future in futures], dim=1)[0].float()
 
     def _attention(
         self,
@@ -335,13 +358,6 @@ def sequence_capacity(prompt_len: int, max_new_tokens: int | None, context_lengt
     return min(context_length, prompt_len + max_new_tokens)
 
 
-def log_softmax_top(logprobs: torch.Tensor, count: int) -> tuple[list[float], list[int]]:
-    """Return the ``count`` best (logprob, id) pairs of a log-probability vector, best first."""
-    if count <= 0:
-        return [], []
-    values, ids = torch.topk(logprobs, count)
-    return [float(v) for v in values], [int(i) for i in ids]
-
 
 __all__ = [
     "GemmaModel",
@@ -350,5 +366,4 @@ __all__ = [
     "ModelMetadata",
     "read_metadata",
     "sequence_capacity",
-    "log_softmax_top",
 ]

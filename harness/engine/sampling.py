@@ -44,7 +44,7 @@ class SamplingConfig:
     n: int = 1
     seed: int | None = None
     logit_bias: dict[int, float] = field(default_factory=dict)
-    # Longest stop string, counted in characters on the gRPC path (sglang normalizes there
+    # Maximum stop string length, counted in characters on the gRPC path (sglang normalizes there
     # without a tokenizer) and in tokens on the HTTP path.
     stop_str_max_len: int = 0
 

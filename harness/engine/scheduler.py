@@ -6,9 +6,9 @@ requests (one prefill each), then advances every running sequence by one token, 
 concurrent requests progress together and none is starved. Each sequence owns its KV
 cache and sampler, so requests never share state.
 
-Finish rules follow sglang 0.5.7's ``Req.check_finished`` (``srt/managers/schedule_batch.py``):
-max_new_tokens first, then stop token ids (request ids, model EOS ids, the tokenizer's EOS
-id; skipped with ignore_eos), then stop strings. A stop string is searched in the decoded
+Finish rules follow sglang 0.5.7's ``Req.check_finished`` (``srt/managers/schedule_batch.py``).
+max_new_tokens is checked first. Stop token ids come next: the request's ids, the model's
+EOS ids and the tokenizer's EOS id, all skipped with ignore_eos. Stop strings come last. A stop string is searched in the decoded
 tail of the output, the last ``stop_str_max_len + 2`` tokens decoded with the tokenizer,
 exactly as sglang's scheduler does it.
 """
