@@ -142,17 +142,33 @@ def align_tokens(
     observed: Sequence[int],
     focus: tuple[int | None, int | None] | None = None,
     context: int = CONTEXT_TOKENS,
+    positional: bool = False,
 ) -> dict[str, Any]:
     """Align two id streams and return the rows around a divergence, for the report.
 
     Each row has the expected and observed position, id, decoded piece and whether the id
     is special, and a status: ``match``, ``changed``, ``missing`` (expected only) or
     ``extra`` (observed only). ``focus`` is an (expected, observed) position pair; without it
-    the window centres on the first row that is not a match.
+    the window centres on the first row that is not a match. Prompts are aligned with
+    insertions and deletions (difflib). Output streams are aligned by position
+    (``positional``), because tokens after a divergence are unrelated and a chance match
+    there would read as agreement.
     """
     rows: list[dict[str, Any]] = []
-    matcher = difflib.SequenceMatcher(None, list(expected), list(observed), autojunk=False)
-    for tag, i1, i2, j1, j2 in matcher.get_opcodes():
+    if positional:
+        opcodes = []
+        for n in range(max(len(expected), len(observed))):
+            i = n if n < len(expected) else None
+            j = n if n < len(observed) else None
+            if i is not None and j is not None:
+                status = "match" if expected[i] == observed[j] else "changed"
+            else:
+                status = "missing" if j is None else "extra"
+            rows.append(_row(tokenizer, reference, status, i, expected, j, observed))
+    else:
+        matcher = difflib.SequenceMatcher(None, list(expected), list(observed), autojunk=False)
+        opcodes = matcher.get_opcodes()
+    for tag, i1, i2, j1, j2 in opcodes:
         if tag == "equal":
             for offset in range(i2 - i1):
                 rows.append(_row(tokenizer, reference, "match", i1 + offset, expected, j1 + offset, observed))
@@ -259,9 +275,27 @@ class Output:
         return self.ids is not None and self.source in OBSERVED_SOURCES
 
 
+def wire_output_ids(capture: Capture) -> dict[int, list[int]]:
+    """Return each choice's output ids as they crossed the wire, by choice index.
+
+    A streamed call carries the ids in its chunks and only the last delta in its
+    GenerateComplete (as the CPU engine streams, like sglang 0.5.7's incremental output),
+    so the ids are the chunks' ids followed by the completion's.
+    """
+    ids: dict[int, list[int]] = {}
+    for record in capture.wire:
+        if record.request.stream:
+            for chunk in record.chunks:
+                ids.setdefault(int(chunk.get("index", 0)), []).extend(int(i) for i in chunk.get("token_ids") or [])
+        for completion in record.completions:
+            ids.setdefault(completion.index, []).extend(completion.output_ids)
+    return ids
+
+
 def outputs_of(capture: Capture, tokenizer: Tokenizer) -> list[Output]:
-    """Return one Output per choice, filling ids from the wire where the choice lacks them."""
+    """Return one Output per choice, taking ids from the wire whenever the tap saw them."""
     completions = {c.index: c for record in capture.wire for c in record.completions}
+    wire_ids = wire_output_ids(capture)
     usage_completion = (capture.usage or {}).get("completion_tokens")
     single = len(capture.choices) == 1
     wire_stop_ids: set[int] = set()
@@ -271,8 +305,8 @@ def outputs_of(capture: Capture, tokenizer: Tokenizer) -> list[Output]:
     for choice in capture.choices:
         ids, source = choice.output_ids, choice.output_ids_source
         completion = completions.get(choice.index)
-        if ids is None and completion is not None:
-            ids, source = list(completion.output_ids), "wire"
+        if choice.index in wire_ids and (ids is None or source == "wire"):
+            ids, source = wire_ids[choice.index], "wire"
         if ids is None and choice.text is not None:
             ids, source = tokenizer.encode(choice.text, add_special_tokens=False), "retokenized"
         logprobs = choice.logprobs
@@ -361,8 +395,8 @@ class _Context:
     def pieces(self, ids: Iterable[int] | None) -> str | None:
         return decode_ids(self.tokenizer, list(ids), skip_special_tokens=False) if ids is not None else None
 
-    def window(self, expected: Sequence[int], observed: Sequence[int], focus=None) -> dict[str, Any]:
-        return align_tokens(self.tokenizer, self.reference, expected, observed, focus)
+    def window(self, expected: Sequence[int], observed: Sequence[int], focus=None, positional=False) -> dict[str, Any]:
+        return align_tokens(self.tokenizer, self.reference, expected, observed, focus, positional=positional)
 
     def stop_list(self, ids: Iterable[int]) -> str:
         return ", ".join(f"{i} {self.piece(i)!r}" for i in sorted(ids))
@@ -510,7 +544,7 @@ def check_prompt(context: _Context, capture: Capture) -> list[Finding]:
     if observed == expected:
         return []
 
-    # smg 1.13.0 sends an empty original_text, which says nothing about the rendered text.
+    # smg 1.13.0 sends an empty original_text, which carries no rendered text to compare.
     original_text = (capture.wire[0].request.original_text or None) if capture.wire else None
     source = capture.prompt_ids_source or "unknown"
     base = {"stream": "prompt", "evidence": {"prompt_ids_source": source}}
@@ -1005,7 +1039,10 @@ def check_stop_set(context: _Context, capture: Capture, outputs: list[Output]) -
                             expected_text=context.piece(token_id),
                             observed_text=context.pieces(ids[position : position + 2]),
                             choice_index=output.index,
-                            evidence={"from": "observed output", "tokens": context.window(ids[: position + 1], ids, (position, position))},
+                            evidence={
+                                "from": "observed output",
+                                "tokens": context.window(ids[: position + 1], ids, (position, position), positional=True),
+                            },
                         )
                     )
                     break
@@ -1336,7 +1373,7 @@ def _spurious_stops(context: _Context, stopped: Output, other: Output, prompt_la
                 "other_length": other_length,
                 "other_source": other.source,
                 "stopped_text": stopped.text,
-                "tokens": context.window(other.ids or [], stopped.ids or [], (position, position))
+                "tokens": context.window(other.ids or [], stopped.ids or [], (position, position), positional=True)
                 if stopped.observed
                 else None,
             },
@@ -1365,7 +1402,7 @@ def _divergence(context: _Context, output: Output, baseline: Output, prompt_laye
     evidence: dict[str, Any] = {
         "matched_prefix": prefix,
         "matched_prefix_text": context.pieces(side_ids[:prefix]),
-        "tokens": context.window(base_ids, side_ids, (prefix, prefix)),
+        "tokens": context.window(base_ids, side_ids, (prefix, prefix), positional=True),
         "ids_source": {output.mode: output.source, baseline.mode: baseline.source},
     }
     note = " (ids re-encoded from text, weaker evidence)" if weak else ""

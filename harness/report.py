@@ -23,7 +23,7 @@ from rich.table import Table
 from rich.text import Text
 
 from harness.capture import Capture
-from harness.diff import MODE_ORDER, CaseResult
+from harness.diff import MODE_ORDER, CaseResult, wire_output_ids
 from harness.findings import Finding, Severity
 
 MASK = "***"
@@ -249,18 +249,21 @@ def render_case(result: CaseResult, console: Console, mode: str | None = None) -
 
 def token_table(finding: Finding, window: dict[str, Any]) -> Table:
     """Build the side-by-side table of aligned tokens around a finding's divergence."""
-    baseline = finding.baseline if finding.baseline != "reference" else "reference"
-    stream = finding.stream or "output"
+    baseline = finding.baseline
     table = Table(box=None, padding=(0, 1), show_edge=False, title_justify="left")
-    table.add_column("", justify="center")
-    table.add_column(f"{stream} pos", justify="right")
-    table.add_column(f"{baseline} id", justify="right")
-    table.add_column(f"{baseline} token")
-    table.add_column(f"{finding.side} pos", justify="right")
-    table.add_column(f"{finding.side} id", justify="right")
-    table.add_column(f"{finding.side} token")
+
+    # Short headers keep the table readable in an 80-column terminal: the id columns are
+    # named after their side, and the stream ("prompt" or "output") is in the finding's title.
+    table.add_column("", justify="center", no_wrap=True)
+    table.add_column("pos", justify="right", no_wrap=True)
+    table.add_column(f"{baseline} id", justify="right", no_wrap=True)
+    table.add_column("token", overflow="fold", min_width=17)
+    table.add_column("pos", justify="right", no_wrap=True)
+    table.add_column(f"{finding.side} id", justify="right", no_wrap=True)
+    table.add_column("token", overflow="fold", min_width=17)
+
     if window.get("truncated_before"):
-        table.add_row("", f"… {window['truncated_before']} before", "", "", "", "", "", style="grey50")
+        table.add_row("", "", "", f"… {window['truncated_before']} before", "", "", "", style="grey50")
     for number, row in enumerate(window["rows"]):
         status = row["status"]
         style = STATUS_STYLE[status]
@@ -275,7 +278,8 @@ def token_table(finding: Finding, window: dict[str, Any]) -> Table:
             Text(show_piece(row["observed_piece"]), style=_piece_style(row, "observed", style)),
         )
     if window.get("truncated_after"):
-        table.add_row("", f"… {window['truncated_after']} after", "", "", "", "", "", style="grey50")
+        table.add_row("", "", "", f"… {window['truncated_after']} after", "", "", "", style="grey50")
+
     return table
 
 
@@ -289,9 +293,9 @@ def format_case_failure(result: CaseResult, mode: str | None = None, width: int 
     """Return one case's summary row and findings as plain text, for pytest's repr_failure.
 
     The content is the terminal view without colours. With ``mode``, only the findings on
-    that mode (and on both sides) are detailed, but the summary row shows every mode. Token rows carry a mark: ``=``
-    matched, ``!`` changed, ``-`` missing on the observed side, ``+`` extra, and ``>`` the
-    first divergence.
+    that mode (and on both sides) are detailed, but the summary row shows every mode.
+    Token rows carry a mark: ``=`` matched, ``!`` changed, ``-`` missing on the observed
+    side, ``+`` extra, and ``>`` the first divergence.
     """
     buffer = io.StringIO()
     console = Console(file=buffer, width=width, color_system=None, force_terminal=False, highlight=False)
@@ -337,12 +341,12 @@ def case_to_dict(result: CaseResult) -> dict[str, Any]:
 
 
 def mode_to_dict(capture: Capture) -> dict[str, Any]:
-    completions = {c.index: c for record in capture.wire for c in record.completions}
+    wire_ids = wire_output_ids(capture)
     choices = []
     for choice in capture.choices:
         ids, source = choice.output_ids, choice.output_ids_source
-        if ids is None and choice.index in completions:
-            ids, source = completions[choice.index].output_ids, "wire"
+        if choice.index in wire_ids and (ids is None or source == "wire"):
+            ids, source = wire_ids[choice.index], "wire"
         choices.append(
             {
                 "index": choice.index,
@@ -446,6 +450,8 @@ tr.focus td { border-top: 2px solid #b3261e; }
 .special { color: #8e24aa; font-weight: 600; }
 tr.match .special { color: #c58fd0; }
 .ids { max-width: 1200px; word-break: break-all; }
+summary { cursor: pointer; }
+pre.text { max-height: 16em; overflow-y: auto; min-width: 16em; }
 pre { background: #f7f7f9; padding: 8px; white-space: pre-wrap; word-break: break-word; max-width: 1200px; margin: 4px 0; }
 """
 
@@ -542,6 +548,18 @@ def _usage_text(usage: dict[str, Any] | None) -> str:
     return ", ".join(f"{key.replace('_tokens', '')} {value}" for key, value in usage.items())
 
 
+# Id lists longer than this are folded into a <details> element.
+FOLD_IDS = 40
+
+
+def _html_ids(ids: list[int], source: str | None) -> str:
+    meta = f'<span class="meta">({len(ids)}, {_e(source)})</span>'
+    if len(ids) <= FOLD_IDS:
+        return f"{_e(ids)} {meta}"
+    head = ", ".join(str(i) for i in ids[:FOLD_IDS])
+    return f"<details><summary>[{_e(head)}, …] {meta}</summary>{_e(ids)}</details>"
+
+
 def _html_modes(modes: dict[str, dict[str, Any]]) -> str:
     head = (
         "<tr><th>mode</th><th>status</th><th>prompt ids (source)</th><th>output ids (source)</th>"
@@ -551,21 +569,21 @@ def _html_modes(modes: dict[str, dict[str, Any]]) -> str:
     for mode in [m for m in MODE_ORDER if m in modes] + sorted(set(modes) - set(MODE_ORDER)):
         data = modes[mode]
         status = _e(data["status"]) + (f'<br><span class="bug">{_e(data["error"])}</span>' if data["error"] else "")
-        prompt = (
-            f'{_e(data["prompt_ids"])} <span class="meta">({len(data["prompt_ids"])}, {_e(data["prompt_ids_source"])})</span>'
-            if data["prompt_ids"] is not None
-            else '<span class="notrun">not observed</span>'
-        )
+        if data["prompt_ids"] is not None:
+            prompt = _html_ids(data["prompt_ids"], data["prompt_ids_source"])
+        else:
+            prompt = '<span class="notrun">not observed</span>'
+
         if data.get("prompt_text") is not None:
             prompt += f"<pre>{_e(data['prompt_text'])}</pre>"
         choices = data["choices"] or [{}]
         for number, choice in enumerate(choices):
             ids = choice.get("output_ids")
-            output = (
-                f'{_e(ids)} <span class="meta">({len(ids)}, {_e(choice.get("output_ids_source"))})</span>'
-                if ids is not None
-                else '<span class="notrun">none</span>'
-            )
+            if ids is not None:
+                output = _html_ids(ids, choice.get("output_ids_source"))
+            else:
+                output = '<span class="notrun">none</span>'
+
             finish = f'{_e(choice.get("finish_reason"))} / {_e(choice.get("matched_stop"))}' if choice else ""
             first = number == 0
             rows.append(
@@ -584,7 +602,9 @@ def _html_modes(modes: dict[str, dict[str, Any]]) -> str:
 def _html_text_cell(text: str | None) -> str:
     if text is None:
         return '<td><span class="notrun">none</span></td>'
-    return f"<td><pre>{_e(show_piece(text))}</pre></td>"
+    if text == "":
+        return '<td><span class="notrun">empty</span></td>'
+    return f'<td><pre class="text">{_e(text)}</pre><span class="meta">{len(text)} characters</span></td>'
 
 
 def _html_finding(number: int, finding: Finding) -> str:

@@ -271,3 +271,16 @@ def reported_captures(case: Case, original_text: str | None = None) -> dict[str,
     )
     http = http_capture(case, prompt_tokens=14, completion_tokens=87)
     return {"grpc": grpc, "http": http}
+
+
+def streamed_grpc_capture(case):
+    """Return a gRPC capture of a streamed call: ids in chunks, the last delta in the completion."""
+    ids = answer_ids() + [END_OF_TURN]
+    capture = grpc_capture(case, output_ids=ids)
+    record = capture.wire[0]
+    record.request.stream = True
+    record.chunks = [{"index": 0, "token_ids": [token_id], "prompt_tokens": 14} for token_id in ids[:-1]]
+    record.completions[0].output_ids = ids[-1:]
+    # The choice holds only what the completion carried, as a replay that reads it would.
+    capture.choices[0].output_ids = ids[-1:]
+    return capture

@@ -19,11 +19,12 @@ from gemma_captures import (
     make_case,
     make_reference,
     reported_captures,
+    streamed_grpc_capture,
     tokenizer,
     wire_params,
 )
 from harness.capture import TokenLogprob, WireRecord
-from harness.diff import CaseResult, align_tokens, compare, find_metadata_value, order_findings
+from harness.diff import CaseResult, align_tokens, compare, find_metadata_value, order_findings, wire_output_ids
 from harness.findings import Kind, Layer, Severity
 
 # Every test here loads the tokenizer of the Gemma fixture folder, which is built on first use.
@@ -615,8 +616,26 @@ def test_divergence_against_http_text_is_weak():
     assert finding.baseline == "http"
 
 
+def test_streamed_wire_ids_are_joined():
+    case = make_case()
+    capture = streamed_grpc_capture(case)
+    assert wire_output_ids(capture) == {0: answer_ids() + [END_OF_TURN]}
+    assert run(case, {"grpc": capture, "direct": direct_capture(case)}) == []
+
+
 # ---------------------------------------------------------------------------------------
 # Helpers and results
+
+
+def test_align_tokens_positional():
+    reference = make_reference(make_case())
+    expected = [818, 7217, 563, 3730, 107]
+    observed = [107]
+    window = align_tokens(tokenizer(), reference, expected, observed, positional=True)
+    statuses = [row["status"] for row in window["rows"]]
+    # By position, the "\n" at expected position 4 is not matched with observed position 0.
+    assert statuses[0] == "changed"
+    assert "match" not in statuses
 
 
 def test_align_tokens_window_is_cropped():

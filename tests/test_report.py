@@ -212,8 +212,8 @@ def test_terminal_summary_and_tables(results):
     assert "FAIL" in text
     assert "pass" in text
     assert '"<bos>"' in text
-    assert "reference token" in text
-    assert "grpc token" in text
+    assert "reference id" in text
+    assert "grpc id" in text
 
 
 @pytest.mark.slow
@@ -252,3 +252,17 @@ def test_format_case_failure_one_mode(results):
     http = format_case_failure(results[0], mode="http")
     assert "missing-bos" in http  # the summary row still shows every mode
     assert "finding(s)" not in http
+
+
+@pytest.mark.slow
+def test_report_joins_streamed_ids(tmp_path):
+    from gemma_captures import END_OF_TURN, answer_ids, make_case, make_reference, streamed_grpc_capture
+    from harness.diff import CaseResult
+
+    case = make_case("streamed")
+    captures = {"grpc": streamed_grpc_capture(case)}
+    write_report(tmp_path, [CaseResult(case, make_reference(case), captures, [])], {})
+    document = json.loads((tmp_path / "report.json").read_text())
+    choice = document["cases"][0]["modes"]["grpc"]["choices"][0]
+    assert choice["output_ids"] == answer_ids() + [END_OF_TURN]
+    assert choice["output_ids_source"] == "wire"
