@@ -500,6 +500,7 @@ def test_worker_metadata_reported_strings(worker):
     [
         ({"temperature": 1.0}, "temperature", 0.7, 1.0),
         ({"top_p": 0.5}, "top_p", 0.9, 0.5),
+        ({"top_k": -1}, "top_k", 20, -1),
         ({"max_new_tokens": None}, "max_tokens", 512, None),
         ({"skip_special_tokens": False}, "skip_special_tokens", True, False),
         ({"stop": []}, "stop", ["Rayleigh"], []),
@@ -510,6 +511,7 @@ def test_worker_metadata_reported_strings(worker):
 def test_sampling_param_mismatch(override, param, expected, observed):
     case = make_case(temperature=0.7, max_tokens=512, stop=["Rayleigh"], stop_token_ids=[4368])
     case.sampling.top_p = 0.9
+    case.sampling.top_k = 20
     params = wire_params(case, **override)
     findings = run(case, {"grpc": grpc_capture(case, params=params)})
     mismatches = [f for f in findings if f.kind == Kind.SAMPLING_PARAM_MISMATCH]

@@ -105,20 +105,20 @@ def results():
     )
     from harness.diff import CaseResult, compare
 
-    made = []
+    case_results = []
     reported = make_case("gemma-reported", temperature=0.7, max_tokens=512)
     reported.description = "The reported request <script>alert(1)</script>"
     captures = reported_captures(reported)
     captures["grpc"].request["api_key"] = API_KEY
     captures["http"].raw = {"note": f"token {HF_TOKEN}"}
     reference = make_reference(reported)
-    made.append(CaseResult(reported, reference, captures, compare(reported, reference, captures, tokenizer())))
+    case_results.append(CaseResult(reported, reference, captures, compare(reported, reference, captures, tokenizer())))
 
     parity = make_case("gemma/greedy parity")
     captures = {"grpc": grpc_capture(parity), "http": http_capture(parity), "direct": direct_capture(parity)}
     reference = make_reference(parity)
-    made.append(CaseResult(parity, reference, captures, compare(parity, reference, captures, tokenizer())))
-    return made
+    case_results.append(CaseResult(parity, reference, captures, compare(parity, reference, captures, tokenizer())))
+    return case_results
 
 
 @pytest.mark.slow
