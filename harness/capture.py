@@ -337,18 +337,25 @@ def attach_wire(capture: Capture, records: list[WireRecord]) -> None:
     capture.prompt_ids = list(generate_calls[0].request.prompt_ids)
     capture.prompt_ids_source = "wire"
 
-    completions: list[WireCompletion] = []
+    # A streamed call carries its ids in the chunks, and its GenerateComplete only the last
+    # delta (sglang 0.5.7 streams incremental output); a non-streamed call carries them all
+    # in the GenerateComplete.
+    ids_by_index: dict[int, list[int]] = {}
     for call_number, record in enumerate(generate_calls):
+        def choice_index(index: int) -> int:
+            return call_number if len(generate_calls) > 1 and index == 0 else index
+
+        if record.request.stream:
+            for chunk in record.chunks:
+                ids_by_index.setdefault(choice_index(int(chunk.get("index", 0))), []).extend(chunk.get("token_ids") or [])
         for completion in record.completions:
-            if len(generate_calls) > 1 and completion.index == 0:
-                completion = dataclasses.replace(completion, index=call_number)
-            completions.append(completion)
-    for completion in completions:
-        choice = next((c for c in capture.choices if c.index == completion.index), None)
+            ids_by_index.setdefault(choice_index(completion.index), []).extend(completion.output_ids)
+    for index, ids in ids_by_index.items():
+        choice = next((c for c in capture.choices if c.index == index), None)
         if choice is None:
-            choice = ChoiceCapture(index=completion.index)
+            choice = ChoiceCapture(index=index)
             capture.choices.append(choice)
-        choice.output_ids = list(completion.output_ids)
+        choice.output_ids = [int(i) for i in ids]
         choice.output_ids_source = "wire"
     capture.choices.sort(key=lambda c: c.index)
 
