@@ -2,14 +2,18 @@
 
 One run measures, on the same prompt and token count:
 
-1. read bandwidth: the sum of a 1 GiB float32 tensor with torch's default threads, and the
-   same read split over 2 Python threads (one half each, torch single-threaded), best of
-   several passes;
+1. read bandwidth, with 4 KiB pages and with transparent huge pages, each the higher of
+   two reads of a 1 GiB float32 tensor: torch's sum with its default threads, and the same
+   read split over one Python thread per core (torch single-threaded), best of 5 passes;
 2. the floors they imply: bandwidth / bytes of weights read per decoded token (every
-   weight once; the tied embedding counts once, as the output head);
+   weight once, and the tied embedding once, as the output head);
 3. transformers ``generate`` (greedy, fixed token count) in the chosen dtype;
 4. the engine started as a subprocess and called through gRPC (streaming), decode rate
    measured from the first streamed token to the last, so the prefill is excluded.
+
+Like the engine, this process asks torch for transparent huge pages
+(THP_MEM_ALLOC_ENABLE=1) unless the variable is already set, so transformers and the
+engine run with the same page size.
 
 Usage: ``python benchmarks/engine_decode.py [--model-dir DIR] [--tokens 64] [--dtype float32]``
 """
@@ -24,7 +28,9 @@ import sys
 import time
 from pathlib import Path
 
-import torch
+os.environ.setdefault("THP_MEM_ALLOC_ENABLE", "1")
+
+import torch  # noqa: E402 (after the allocator setting)
 
 PROMPT_IDS = [2, 105, 2364, 107, 11355, 7217, 563, 3730, 236881, 106, 107, 105, 4368, 107]
 
@@ -55,6 +61,18 @@ def measure_bandwidth(split_threads: int = 0, passes: int = 5) -> float:
             data.sum()
             best = min(best, time.perf_counter() - start)
     return data.numel() * data.element_size() / best
+
+
+def bandwidth_in_subprocess(thp: bool) -> float:
+    """Return the higher of the two bandwidths, measured in a fresh process with or without huge pages.
+
+    torch reads THP_MEM_ALLOC_ENABLE once per process, so each page size needs its own process.
+    """
+    env = dict(os.environ, THP_MEM_ALLOC_ENABLE="1" if thp else "0")
+    result = subprocess.run(
+        [sys.executable, __file__, "--bandwidth-only"], env=env, capture_output=True, text=True, check=True, timeout=300
+    )
+    return float(result.stdout.strip().splitlines()[-1])
 
 
 def weight_bytes_per_token(model: torch.nn.Module) -> int:
@@ -144,7 +162,11 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--tokens", type=int, default=64, help="tokens to decode per measurement (default 64)")
     parser.add_argument("--dtype", choices=["float32", "bfloat16"], default="float32", help="weight dtype")
     parser.add_argument("--log", type=Path, default=Path("/tmp/engine_decode_engine.log"), help="engine log file")
+    parser.add_argument("--bandwidth-only", action="store_true", help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
+    if args.bandwidth_only:
+        print(max(measure_bandwidth(), measure_bandwidth(split_threads=os.cpu_count() or 1)))
+        return 0
 
     if args.model_dir is None:
         from harness.fixture import build_fixture
@@ -153,25 +175,35 @@ def main(argv: list[str] | None = None) -> int:
     dtype = {"float32": torch.float32, "bfloat16": torch.bfloat16}[args.dtype]
 
     cores = os.cpu_count() or 1
-    bandwidth = measure_bandwidth()
-    split_bandwidth = measure_bandwidth(split_threads=cores)
+    small_pages = bandwidth_in_subprocess(thp=False)
+    huge_pages = bandwidth_in_subprocess(thp=True)
     hf_rate, hf_ids, weight_bytes = measure_transformers(args.model_dir, dtype, args.tokens)
-    floor_rate = bandwidth / weight_bytes
-    split_floor_rate = split_bandwidth / weight_bytes
     engine_rate, engine_ids = measure_engine(args.model_dir, args.dtype, args.tokens, args.log)
     same = engine_ids == hf_ids
+    small_floor = small_pages / weight_bytes
+    huge_floor = huge_pages / weight_bytes
 
     print(f"model: {args.model_dir} ({args.dtype}), {weight_bytes / 1e9:.2f} GB of weights read per token")
-    print(f"cores: {cores}, torch threads: {torch.get_num_threads()}, tokens: {args.tokens}, prompt: {len(PROMPT_IDS)} ids")
+    print(f"cores: {cores}, tokens: {args.tokens}, prompt: {len(PROMPT_IDS)} ids")
+    print(f"transformers and the engine ran with THP_MEM_ALLOC_ENABLE={os.environ.get('THP_MEM_ALLOC_ENABLE')}")
     print()
-    print(f"| {'measurement':<38} | {'value':>12} | {'x floor':>8} |")
-    print(f"|{'-' * 40}|{'-' * 14}|{'-' * 10}|")
-    print(f"| {'read bandwidth (torch sum)':<38} | {bandwidth / 1e9:>7.1f} GB/s | {'':>8} |")
-    print(f"| {f'read bandwidth ({cores} threads, one part each)':<38} | {split_bandwidth / 1e9:>7.1f} GB/s | {'':>8} |")
-    print(f"| {'floor: torch-sum bandwidth / weights':<38} | {floor_rate:>7.1f} tok/s | {1.0:>8.2f} |")
-    print(f"| {'floor: split bandwidth / weights':<38} | {split_floor_rate:>7.1f} tok/s | {split_floor_rate / floor_rate:>8.2f} |")
-    print(f"| {'transformers generate':<38} | {hf_rate:>7.1f} tok/s | {hf_rate / floor_rate:>8.2f} |")
-    print(f"| {'engine through gRPC (decode only)':<38} | {engine_rate:>7.1f} tok/s | {engine_rate / floor_rate:>8.2f} |")
+    rows = [
+        ("read bandwidth, 4 KiB pages", f"{small_pages / 1e9:.1f} GB/s", "", ""),
+        ("read bandwidth, huge pages", f"{huge_pages / 1e9:.1f} GB/s", "", ""),
+        ("floor, 4 KiB pages", f"{small_floor:.1f} tok/s", "1.00", f"{small_floor / huge_floor:.2f}"),
+        ("floor, huge pages", f"{huge_floor:.1f} tok/s", f"{huge_floor / small_floor:.2f}", "1.00"),
+        ("transformers generate", f"{hf_rate:.1f} tok/s", f"{hf_rate / small_floor:.2f}", f"{hf_rate / huge_floor:.2f}"),
+        (
+            "engine through gRPC (decode only)",
+            f"{engine_rate:.1f} tok/s",
+            f"{engine_rate / small_floor:.2f}",
+            f"{engine_rate / huge_floor:.2f}",
+        ),
+    ]
+    print(f"| {'measurement':<34} | {'value':>11} | {'x floor 4K':>10} | {'x floor huge':>12} |")
+    print(f"|{'-' * 36}|{'-' * 13}|{'-' * 12}|{'-' * 14}|")
+    for name, value, ratio_small, ratio_huge in rows:
+        print(f"| {name:<34} | {value:>11} | {ratio_small:>10} | {ratio_huge:>12} |")
     print()
     print(f"engine / transformers: {engine_rate / hf_rate:.2f}x; greedy ids identical: {same}")
     return 0 if same or args.dtype != "float32" else 1

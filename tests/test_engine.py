@@ -504,3 +504,33 @@ def test_sigterm_stops_engine_cleanly(model_dir: Path, tmp_path: Path) -> None:
                 process.kill()
                 process.wait()
     assert "engine stopped" in log_path.read_text()
+
+
+@pytest.mark.slow
+def test_model_past_sliding_window_matches_transformers(model_dir: Path) -> None:
+    """Prefill and decode beyond Gemma 3's 512-token sliding window agree with transformers."""
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    from harness.engine.model import GemmaModel
+
+    prompt = GEMMA_PROMPT_IDS[:4] + [11355, 7217, 563, 3730, 236881, 107] * 100 + GEMMA_PROMPT_IDS[-5:]
+    assert len(prompt) > 600
+    reference = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32)
+    reference.eval()
+    with torch.inference_mode():
+        generated = reference.generate(torch.tensor([prompt]), max_new_tokens=8, do_sample=False)
+    expected = generated[0, len(prompt) :].tolist()
+    del reference
+
+    threads = torch.get_num_threads()
+    try:
+        model = GemmaModel(model_dir)  # sets torch to one thread for the whole process
+        cache = model.new_cache(len(prompt) + 8)
+        logits = model.forward(prompt, cache)
+        ids = [int(logits.argmax())]
+        while len(ids) < len(expected):
+            ids.append(int(model.forward([ids[-1]], cache).argmax()))
+    finally:
+        torch.set_num_threads(threads)
+    assert ids == expected

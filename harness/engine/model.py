@@ -338,7 +338,8 @@ class GemmaModel:
         scores = torch.matmul(qh, kh.transpose(1, 2)) * self.scaling
         if self.attn_softcap is not None:
             scores = torch.tanh(scores / self.attn_softcap) * self.attn_softcap
-        if count > 1 or window is not None:
+        # One query needs no mask: ``first`` already drops keys outside its window.
+        if count > 1:
             query_pos = torch.arange(start, start + count).repeat(group)[:, None]
             key_pos = torch.arange(first, first + keys.shape[0])[None, :]
             allowed = key_pos <= query_pos
