@@ -1236,6 +1236,11 @@ def check_detokenizer(context: _Context, capture: Capture, outputs: list[Output]
         ids = output.ids or []
         expected_text = decode_ids(context.tokenizer, ids, skip_special_tokens=skip_special) or ""
         accepted = {expected_text}
+        matched = output.matched_stop
+        if isinstance(matched, int) and not isinstance(matched, bool) and ids and ids[-1] == matched:
+            # sglang's detokenizer drops a matched stop token from the text unless the request
+            # sets no_stop_trim; for a special token the cut changes nothing.
+            accepted.add(decode_ids(context.tokenizer, ids[:-1], skip_special_tokens=skip_special) or "")
         if isinstance(output.matched_stop, str) and output.matched_stop in expected_text:
             # sglang cuts the stop string from the text unless the request sets no_stop_trim,
             # so both the cut and the uncut text are correct.

@@ -383,6 +383,31 @@ def test_stop_string_trim_is_no_drift():
     assert Kind.DETOKENIZER_DRIFT not in kinds(run(case, {"grpc": grpc}))
 
 
+def test_stop_token_trim_is_no_drift():
+    # A stop on "\n" (107) ends the ids with 107; sglang's text drops that token.
+    case = make_case(stop_token_ids=[107])
+    ids = answer_ids()[:5] + [107]
+    text = tokenizer().decode(ids[:-1])
+    grpc = grpc_capture(case, output_ids=ids, text=text, matched_stop=107)
+    assert Kind.DETOKENIZER_DRIFT not in kinds(run(case, {"grpc": grpc}))
+
+
+def test_stop_token_kept_in_text_is_no_drift():
+    # With no_stop_trim the text keeps the stop token; both forms are sglang's.
+    case = make_case(stop_token_ids=[107])
+    ids = answer_ids()[:5] + [107]
+    grpc = grpc_capture(case, output_ids=ids, text=tokenizer().decode(ids), matched_stop=107)
+    assert Kind.DETOKENIZER_DRIFT not in kinds(run(case, {"grpc": grpc}))
+
+
+def test_stop_token_trim_does_not_hide_other_drift():
+    case = make_case(stop_token_ids=[107])
+    ids = answer_ids()[:5] + [107]
+    text = tokenizer().decode(ids[:-2])
+    grpc = grpc_capture(case, output_ids=ids, text=text, matched_stop=107)
+    assert Kind.DETOKENIZER_DRIFT in kinds(run(case, {"grpc": grpc}))
+
+
 def test_finish_rewritten_by_router():
     case = make_case()
     grpc = grpc_capture(case, finish_reason="length", matched_stop=None, wire_finish=("stop", END_OF_TURN))
