@@ -11,7 +11,7 @@ One run measures, on the same prompt and token count:
 4. the engine started as a subprocess and called through gRPC (streaming), decode rate
    measured from the first streamed token to the last, so the prefill is excluded.
 
-Like the engine, this process asks torch for transparent huge pages
+Like the engine, this process sets torch's allocator to request transparent huge pages
 (THP_MEM_ALLOC_ENABLE=1) unless the variable is already set, so transformers and the
 engine run with the same page size.
 
