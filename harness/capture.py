@@ -23,7 +23,7 @@ from typing import Any
 
 MODES = ("http", "grpc", "direct")
 
-# Where a list of ids came from. "wire" and "engine" are observed; "retokenized" is derived
+# Sources of a list of ids. "wire" and "engine" ids are observed; "retokenized" ids are derived
 # from text and cannot show special tokens or tokenization differences.
 ID_SOURCES = ("wire", "engine", "retokenized")
 
@@ -294,7 +294,7 @@ def capture_generate_response(
                 text=output.get("text"),
                 output_ids=list(output.get("output_ids") or []),
                 output_ids_source="engine",
-                # The native API says "stop" for matched stops and "length" for max tokens,
+                # The native API reports "stop" for matched stops and "length" for max tokens,
                 # as the OpenAI API does; "abort" passes through.
                 finish_reason=finish_type,
                 matched_stop=finish.get("matched") if isinstance(finish, dict) else None,
@@ -337,9 +337,9 @@ def attach_wire(capture: Capture, records: list[WireRecord]) -> None:
     capture.prompt_ids = list(generate_calls[0].request.prompt_ids)
     capture.prompt_ids_source = "wire"
 
-    # A streamed call carries its ids in the chunks, and its GenerateComplete only the last
-    # delta (sglang 0.5.7 streams incremental output); a non-streamed call carries them all
-    # in the GenerateComplete.
+    # sglang 0.5.7 streams incremental output, so a streamed call carries its ids in the
+    # chunks and only the last delta in its GenerateComplete. A non-streamed call carries
+    # them all in the GenerateComplete.
     ids_by_index: dict[int, list[int]] = {}
     for call_number, record in enumerate(generate_calls):
         def choice_index(index: int) -> int:

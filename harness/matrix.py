@@ -4,8 +4,8 @@
 releases, each cell the finding kinds or "parity", and saves it with the run's reports.
 ``python -m harness bisect --good A --bad B`` finds the release where the findings flip.
 
-Each release runs on its own CPU stack (its own routers; the engine and the tap are
-restarted too, which costs a few seconds and keeps releases from sharing any state).
+Each release runs on its own CPU stack. The engine and the tap are restarted with the
+routers, which costs a few seconds but keeps releases from sharing any state.
 A release that cannot be installed or started, or whose requests fail, shows as that,
 with the first line of the error: never as parity.
 """

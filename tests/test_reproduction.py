@@ -70,7 +70,7 @@ def test_router_032_http_mode_matches_reference(router_032):
     assert [f for f in result.findings if f.side == "http" and f.severity == Severity.BUG] == []
 
 
-def test_router_032_direct_mode_is_the_engine_on_reference_ids(router_032):
+def test_router_032_direct_uses_reference_ids(router_032):
     result, _ = router_032
     direct = result.captures["direct"]
     assert direct.prompt_ids == result.reference.prompt_ids
