@@ -36,7 +36,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--served-model-name", help="model name reported to clients (default: config.json _name_or_path)")
     parser.add_argument("--dtype", choices=["float32", "bfloat16"], default="float32", help="weight dtype (default float32)")
     parser.add_argument("--context-length", type=int, help="max tokens per sequence (default: max_position_embeddings)")
-    parser.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's choice)")
+    parser.add_argument("--threads", type=int, default=None, help="threads that compute the output head; torch itself runs single-threaded (default: CPU count)")
     parser.add_argument("--log-level", default="INFO", help="logging level; DEBUG logs every request's prompt ids")
     return parser
 
