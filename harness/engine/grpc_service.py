@@ -356,7 +356,11 @@ def start_grpc_server(servicer: SchedulerServicer, host: str, port: int, workers
         ],
     )
     server.add_generic_rpc_handlers((_method_handlers(servicer),))
-    bound = server.add_insecure_port(f"{host}:{port}")
+    try:
+        bound = server.add_insecure_port(f"{host}:{port}")
+    except RuntimeError:
+        # grpcio 1.7x raises "Failed to bind to address" where older releases returned 0.
+        bound = 0
     if bound == 0:
         raise OSError(f"cannot bind the gRPC listener to {host}:{port}; choose a free --grpc-port")
     server.start()
