@@ -99,6 +99,11 @@ class _Request:
         self.events: "queue.Queue[TokenEvent | FinishEvent | RequestError]" = queue.Queue()
         self.aborted = threading.Event()
         self.sequences: list[_Sequence] = []
+        # time.monotonic() at submit, at the start of prefill and at its end; the finish log
+        # line reports queue, prefill and decode time from them (benchmarks/diagnosis.py reads it).
+        self.submitted_at = time.monotonic()
+        self.prefill_started_at: float | None = None
+        self.prefill_ended_at: float | None = None
 
 
 class Scheduler:
@@ -212,10 +217,12 @@ class Scheduler:
             return
         params = data.params
         count = max(params.n, 1)
+        request.prefill_started_at = time.monotonic()
         try:
             capacity = sequence_capacity(len(data.input_ids), params.max_new_tokens, self.metadata.max_context_length)
             cache = self.model.new_cache(capacity)
             logits = self.model.forward(data.input_ids, cache) if params.max_new_tokens != 0 else None
+            request.prefill_ended_at = time.monotonic()
         except Exception as error:
             log.exception("request %s failed in prefill", data.request_id)
             self._fail(request, RequestError(f"prefill failed: {error}", 500))
@@ -334,12 +341,18 @@ class Scheduler:
                 streamed_count=sequence.streamed_count,
             )
         )
+        now = time.monotonic()
+        prefill_start = request.prefill_started_at or now
+        prefill_end = request.prefill_ended_at or prefill_start
         log.info(
-            "request %s sample %d finished: %s after %d tokens",
+            "request %s sample %d finished: %s after %d tokens (queued %.3f s, prefill %.3f s, decode %.3f s)",
             data.request_id,
             sequence.index,
             reason,
             len(sequence.output_ids),
+            prefill_start - request.submitted_at,
+            prefill_end - prefill_start,
+            now - prefill_end,
         )
         sequence.cache = None
         if all(s.finished for s in request.sequences) and len(request.sequences) == max(data.params.n, 1):
