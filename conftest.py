@@ -7,6 +7,11 @@ diff; the whole run is written to ``reports/<run-id>/`` when the session ends.
 
 The harness's own tests (``pytest tests``) never collect YAML files outside ``cases/``
 unless they are named on the command line, so they never start a stack.
+
+Exit codes (pytest's own): 0 every item passed, 1 an item has findings of severity bug or
+the stack failed (each item then fails with one line, and the full error with the log tail
+is printed once at the end), 2 interrupted by SIGINT or SIGTERM (the stack is stopped
+first), 4 a usage error such as a missing --model-dir or no Docker engine for --stack docker.
 """
 
 from __future__ import annotations
@@ -25,6 +30,7 @@ CASES_DIR = Path(__file__).resolve().parent / "cases"
 STACK_CHOICES = ("cpu", "docker", "auto")
 
 SESSION_KEY = pytest.StashKey["Session"]()
+HANDLERS_KEY = pytest.StashKey[dict]()
 
 
 def pytest_addoption(parser: pytest.Parser) -> None:
@@ -36,6 +42,23 @@ def pytest_addoption(parser: pytest.Parser) -> None:
         help="router release to test: sglang-router==X, smg==X, or 'installed' (default: sglang-router==0.3.2)",
     )
     group.addoption("--model-dir", type=Path, default=None, help="HF-format model folder (default: the Gemma 3 fixture)")
+    group.addoption("--reports-dir", type=Path, default=None, help="where reports/<run-id>/ goes (default: reports/)")
+
+
+def pytest_configure(config: pytest.Config) -> None:
+    from harness.run import install_interrupt_handlers, install_log_redaction
+
+    install_log_redaction()
+    # SIGTERM would otherwise end pytest at once and leave the stack's process groups running.
+    config.stash[HANDLERS_KEY] = install_interrupt_handlers()
+
+
+def pytest_unconfigure(config: pytest.Config) -> None:
+    from harness.run import restore_handlers
+
+    previous = config.stash.get(HANDLERS_KEY, None)
+    if previous is not None:
+        restore_handlers(previous)
 
 
 def pytest_collect_file(parent: pytest.Collector, file_path: Path):
@@ -49,7 +72,7 @@ def pytest_collect_file(parent: pytest.Collector, file_path: Path):
 
 
 def _session(config: pytest.Config) -> "Session":
-    from harness.run import Session, SessionConfig, UsageError
+    from harness.run import DEFAULT_REPORTS_DIR, Session, SessionConfig, UsageError
 
     if SESSION_KEY not in config.stash:
         try:
@@ -58,12 +81,28 @@ def _session(config: pytest.Config) -> "Session":
                     stack=config.getoption("--stack"),
                     router=config.getoption("--router"),
                     model_dir=config.getoption("--model-dir"),
+                    reports_dir=config.getoption("--reports-dir") or DEFAULT_REPORTS_DIR,
                 )
             )
         except UsageError as error:
             raise pytest.UsageError(str(error)) from None
         config.stash[SESSION_KEY] = session
     return config.stash[SESSION_KEY]
+
+
+def pytest_collection_finish(session: pytest.Session) -> None:
+    # Check the flags once, before the first item runs, so a bad flag is one usage error
+    # instead of a failure per item.
+    if any(isinstance(item, CaseItem) for item in session.items):
+        _session(session.config)
+
+
+def _is_stack_failure(error: BaseException) -> bool:
+    from harness.fixture import FixtureError
+    from harness.stacks.base import StackError
+    from harness.stacks.routers import RouterInstallError
+
+    return isinstance(error, (StackError, FixtureError, RouterInstallError))
 
 
 class CaseFileError(Exception):
@@ -120,6 +159,9 @@ class CaseItem(pytest.Item):
             from harness.report import format_case_failure
 
             return format_case_failure(excinfo.value.result, mode=excinfo.value.mode)
+        if _is_stack_failure(excinfo.value):
+            first_line = str(excinfo.value).splitlines()[0]
+            return f"stack failed: {first_line} (the full error is printed at the end of the session)"
         return super().repr_failure(excinfo, style=style)
 
     def reportinfo(self):
@@ -134,13 +176,24 @@ def _case_result(session: "Session", case):
 
 
 def pytest_sessionfinish(session: pytest.Session, exitstatus: int) -> None:
+    from harness.run import last_interrupt_signal, signals_ignored
+
     harness_session = session.config.stash.get(SESSION_KEY, None)
     if harness_session is None:
         return
-    paths = harness_session.close()
+    with signals_ignored():
+        paths = harness_session.close()
     reporter = session.config.pluginmanager.get_plugin("terminalreporter")
     if reporter is None:
         return
+    start_error = harness_session.start_error
+    if exitstatus == pytest.ExitCode.INTERRUPTED:
+        signal_name = last_interrupt_signal() or "SIGINT"
+        reporter.write_line(f"harness: interrupted by {signal_name}; stopped the stack", red=True)
+    elif start_error is not None and _is_stack_failure(start_error):
+        reporter.write_line(f"harness: the stack failed: {start_error}", red=True)
+    if harness_session.stack_died is not None:
+        reporter.write_line(f"harness: the stack stopped working during the run: {harness_session.stack_died}", red=True)
     if harness_session.results:
         from rich.console import Console
 

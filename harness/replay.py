@@ -24,7 +24,7 @@ from harness.capture import (
 )
 from harness.cases import Case
 from harness.reference import Reference
-from harness.stacks.base import Stack
+from harness.stacks.base import Stack, StackError
 
 log = logging.getLogger(__name__)
 
@@ -33,7 +33,12 @@ REQUEST_TIMEOUT_S = 600.0
 
 
 def replay_case(case: Case, stack: Stack, reference: Reference, tokenizer: Any) -> dict[str, Capture]:
-    """Send the case through every mode it lists and return the captures by mode."""
+    """Send the case through every mode it lists and return the captures by mode.
+
+    When a component of the stack has exited after a mode's request, that capture's error
+    names the component, its exit code and log tail, and the remaining modes are not sent:
+    their captures carry the same error.
+    """
     captures: dict[str, Capture] = {}
     endpoints = stack.endpoints
     request = case.chat_request()
@@ -64,7 +69,33 @@ def replay_case(case: Case, stack: Stack, reference: Reference, tokenizer: Any) 
             capture.error or f"{sum(len(c.output_ids or []) for c in capture.choices)} output ids",
         )
         captures[mode] = capture
+        death = _stack_death(stack)
+        if death is not None:
+            # A stream cut short by a dying router can look complete, so the capture counts
+            # as failed whether or not the request itself reported an error.
+            capture.error = death if capture.error is None else f"{death}\n(the request failed with: {capture.error})"
+            log.error("case %s: %s", case.id, death.splitlines()[0])
+            remaining = [m for m in case.modes if m not in captures]
+            captures.update(failed_captures(case, death, remaining))
+            break
     return captures
+
+
+def _stack_death(stack: Stack) -> str | None:
+    try:
+        stack.check_alive()
+    except StackError as error:
+        return str(error)
+    return None
+
+
+def failed_captures(case: Case, reason: str, modes: list[str] | None = None) -> dict[str, Capture]:
+    """Return a capture per mode that was not sent because the stack stopped working."""
+    request = case.chat_request()
+    return {
+        mode: Capture(case_id=case.id, mode=mode, request=request, error=f"not sent: {reason}")
+        for mode in (case.modes if modes is None else modes)
+    }
 
 
 def post_chat(case_id: str, mode: str, base_url: str, request: dict[str, Any]) -> Capture:

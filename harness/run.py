@@ -8,15 +8,19 @@ same report files.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import datetime
 import fnmatch
+import json
 import logging
 import shutil
+import signal
 import sys
+import time
 import uuid
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Iterator
 
 from harness.cases import Case, CaseError, load_cases
 from harness.fixture import REPO_ROOT, FixtureError
@@ -29,8 +33,94 @@ DEFAULT_REPORTS_DIR = REPO_ROOT / "reports"
 STACK_CHOICES = ("cpu", "docker", "auto")
 
 
+# Exit codes of ``python -m harness run``. pytest keeps its own: 1 failed items (findings or a
+# stack that failed, one line per item), 2 interrupted, 4 usage error.
+EXIT_FINDINGS = 1
+EXIT_ERROR = 2
+# 128 + the signal number, as a shell reports a process killed by that signal.
+EXIT_SIGINT = 128 + signal.SIGINT
+EXIT_SIGTERM = 128 + signal.SIGTERM
+
+
 class UsageError(RuntimeError):
     """A flag, path or environment problem; the message is one line that names it."""
+
+
+class Interrupted(KeyboardInterrupt):
+    """SIGTERM or SIGINT arrived; raised in the main thread so every ``finally`` runs."""
+
+    def __init__(self, signal_name: str) -> None:
+        super().__init__(f"interrupted by {signal_name}")
+        self.signal_name = signal_name
+
+
+_last_signal: str | None = None
+
+
+def last_interrupt_signal() -> str | None:
+    """Return the name of the last signal that raised Interrupted in this process, or None."""
+    return _last_signal
+
+
+def _raise_interrupted(signum: int, _frame: object) -> None:
+    global _last_signal
+    _last_signal = signal.Signals(signum).name
+    # Later signals are ignored, so a second Ctrl-C cannot cut the stack's shutdown short.
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    signal.signal(signal.SIGTERM, signal.SIG_IGN)
+    raise Interrupted(signal.Signals(signum).name)
+
+
+def install_interrupt_handlers() -> dict[int, Any]:
+    """Make SIGINT and SIGTERM raise Interrupted in the main thread; return the old handlers."""
+    previous = {}
+    for signum in (signal.SIGINT, signal.SIGTERM):
+        previous[signum] = signal.signal(signum, _raise_interrupted)
+    return previous
+
+
+def restore_handlers(previous: dict[int, Any]) -> None:
+    for signum, handler in previous.items():
+        signal.signal(signum, handler)
+
+
+@contextlib.contextmanager
+def signals_ignored() -> Iterator[None]:
+    """Ignore SIGINT and SIGTERM while the stack stops and the report is written."""
+    previous = {signum: signal.signal(signum, signal.SIG_IGN) for signum in (signal.SIGINT, signal.SIGTERM)}
+    try:
+        yield
+    finally:
+        restore_handlers(previous)
+
+
+class _RedactingRecordFactory:
+    """A log record factory that masks credentials in the harness's own log messages.
+
+    It covers every handler at once (the terminal, pytest's log capture and the JUnit XML),
+    because the message is masked when the record is created.
+    """
+
+    def __init__(self, factory: Any) -> None:
+        self.factory = factory
+
+    def __call__(self, *args: Any, **kwargs: Any) -> logging.LogRecord:
+        record = self.factory(*args, **kwargs)
+        if record.name.startswith("harness"):
+            from harness.report import redact
+
+            message = record.getMessage()
+            masked = redact(message)
+            if masked != message:
+                record.msg, record.args = masked, None
+        return record
+
+
+def install_log_redaction() -> None:
+    """Mask credentials in every record the harness logs; calling it twice is harmless."""
+    factory = logging.getLogRecordFactory()
+    if not isinstance(factory, _RedactingRecordFactory):
+        logging.setLogRecordFactory(_RedactingRecordFactory(factory))
 
 
 @dataclass
@@ -40,6 +130,21 @@ class SessionConfig:
     model_dir: Path | None = None
     reports_dir: Path = DEFAULT_REPORTS_DIR
     run_id: str = field(default_factory=lambda: new_run_id())
+
+
+@dataclass
+class Timings:
+    """Where a session's wall time went, in seconds; written to timings.json in the run folder."""
+
+    # From the first case until the stack answered chat requests in every mode (fixture
+    # build and router install included when they had to run).
+    stack_start_s: float | None = None
+    # Per case id: reference, replay in every mode and diff.
+    cases: dict[str, float] = field(default_factory=dict)
+    # Stopping the stack.
+    stack_stop_s: float | None = None
+    # Writing report.json, report.html and the captures.
+    report_s: float | None = None
 
 
 def new_run_id() -> str:
@@ -89,6 +194,36 @@ class Session:
         self._start_error: BaseException | None = None
         self._model_dir: Path | None = None
         self._tokenizer = None
+        # Set once a component of the started stack died: every later case fails fast with it.
+        self._stack_died: str | None = None
+        self.timings = Timings()
+        self.preflight()
+
+    def preflight(self) -> None:
+        """Raise UsageError for a flag that cannot work, before anything starts.
+
+        Checks the router spec, the model folder when one is given, and that a Docker engine
+        answers when the Docker stack was chosen.
+        """
+        from harness.fixture import check_model_dir
+        from harness.stacks.routers import RouterRelease
+
+        try:
+            RouterRelease.parse(self.config.router)
+        except ValueError as error:
+            raise UsageError(f"--router: {error}") from None
+        if self.config.model_dir is not None:
+            try:
+                check_model_dir(self.config.model_dir)
+            except FixtureError as error:
+                raise UsageError(f"--model-dir: {error}") from None
+        if self.stack_name == "docker":
+            from harness.stacks.docker import connect
+
+            try:
+                connect()
+            except StackError as error:
+                raise UsageError(f"--stack docker: {error}") from None
 
     @property
     def model_dir(self) -> Path:
@@ -126,14 +261,23 @@ class Session:
         if self._start_error is not None:
             raise self._start_error
         if self._stack is None:
+            started = time.monotonic()
             try:
                 self._stack = self._open_stack()
             except BaseException as error:
                 self._start_error = error
                 raise
+            finally:
+                self.timings.stack_start_s = time.monotonic() - started
         return self._stack
 
     def _open_stack(self) -> Stack:
+        from harness.stacks.process import reap_leftovers
+
+        # Before anything else, so a run that fails early still removes what a killed run left.
+        reaped = reap_leftovers()
+        if reaped:
+            log.warning("removed %d process groups left by earlier runs: %s", len(reaped), reaped)
         self.run_dir.mkdir(parents=True, exist_ok=True)
         if self.stack_name == "cpu":
             from harness.stacks.cpu import CpuStack
@@ -151,29 +295,88 @@ class Session:
         from harness.reference import build_reference
         from harness.replay import replay_case
 
+        from harness.replay import failed_captures
+
         stack = self.stack()
+        started = time.monotonic()
         reference = build_reference(case, self.model_dir, tokenizer=self.tokenizer)
-        captures = replay_case(case, stack, reference, self.tokenizer)
-        stack.check_alive()
+        if self._stack_died is not None:
+            captures = failed_captures(case, self._stack_died)
+        else:
+            captures = replay_case(case, stack, reference, self.tokenizer)
+            self._stack_died = stack_death(stack)
         findings = compare(case, reference, captures, self.tokenizer)
         result = CaseResult(case=case, reference=reference, captures=captures, findings=findings)
         self.results.append(result)
+        self.timings.cases[case.id] = time.monotonic() - started
         return result
 
-    def close(self) -> dict[str, Path]:
-        """Stop the stack and write the report files; return them by name."""
-        if self._stack is not None:
-            self._stack.__exit__(None, None, None)
-        if not self.results:
-            return {}
-        from harness.report import write_report
+    @property
+    def start_error(self) -> BaseException | None:
+        """Return the error the stack's start raised, or None."""
+        return self._start_error
 
-        stack_info: dict[str, Any] = {"stack": self.stack_name, "router": self.config.router}
+    @property
+    def stack_died(self) -> str | None:
+        """Return why the stack stopped working mid-run (component, exit code, log tail), or None."""
+        return self._stack_died
+
+    def close(self) -> dict[str, Path]:
+        """Stop the stack and write the report files; return them by name.
+
+        Credentials are masked in the component logs and the wire records too, because those
+        files are written by the components themselves.
+        """
         if self._stack is not None:
-            info = self._stack.info
-            stack_info.update(vars(info))
-            stack_info["logs"] = {name: str(path) for name, path in self._stack.log_paths().items()}
-        return write_report(self.run_dir, self.results, stack_info)
+            started = time.monotonic()
+            self._stack.__exit__(None, None, None)
+            self.timings.stack_stop_s = time.monotonic() - started
+        paths: dict[str, Path] = {}
+        if self.results:
+            from harness.report import write_report
+
+            stack_info: dict[str, Any] = {"stack": self.stack_name, "router": self.config.router}
+            if self._stack is not None:
+                info = self._stack.info
+                stack_info.update(vars(info))
+                stack_info["logs"] = {name: str(path) for name, path in self._stack.log_paths().items()}
+            if self._stack_died is not None:
+                stack_info["died"] = self._stack_died
+            started = time.monotonic()
+            paths = write_report(self.run_dir, self.results, stack_info)
+            self.timings.report_s = time.monotonic() - started
+        if self.run_dir.is_dir():
+            redact_files(self.run_dir)
+            (self.run_dir / "timings.json").write_text(json.dumps(vars(self.timings), indent=2) + "\n")
+        return paths
+
+
+def stack_death(stack: Stack) -> str | None:
+    """Return the stack's StackError message when a component has exited, else None."""
+    try:
+        stack.check_alive()
+    except StackError as error:
+        return str(error)
+    return None
+
+
+# Files the components write themselves, which therefore never passed through ``redact``.
+_COMPONENT_FILE_PATTERNS = ("logs/*.log", "*.jsonl")
+
+
+def redact_files(run_dir: Path) -> list[Path]:
+    """Mask credentials in the component logs and wire records of ``run_dir``; return changed files."""
+    from harness.report import redact
+
+    changed = []
+    for pattern in _COMPONENT_FILE_PATTERNS:
+        for path in sorted(run_dir.glob(pattern)):
+            text = path.read_text(errors="replace")
+            masked = redact(text)
+            if masked != text:
+                path.write_text(masked)
+                changed.append(path)
+    return changed
 
 
 def select_cases(paths: list[Path], keyword: str | None) -> list[Case]:
@@ -208,10 +411,12 @@ def _matches(case: Case, keyword: str) -> bool:
 
 
 def main(argv: list[str]) -> int:
-    """Run ``python -m harness run``: replay cases, print the diagnosis, write the report."""
-    from rich.console import Console
-    from rich.progress import Progress
+    """Run ``python -m harness run``: replay cases, print the diagnosis, write the report.
 
+    Exit codes: 0 no finding of severity bug, 1 findings, 2 a usage or environment error
+    (one line, then a log tail when a component failed), 130 or 143 interrupted by SIGINT
+    or SIGTERM. Every case left after a component died fails fast with the same reason.
+    """
     parser = argparse.ArgumentParser(prog="python -m harness run", description=__doc__)
     parser.add_argument("paths", nargs="*", type=Path, help="case files or folders (default: cases/)")
     parser.add_argument("--stack", default="cpu", help="cpu, docker or auto (default: cpu)")
@@ -220,6 +425,25 @@ def main(argv: list[str]) -> int:
     parser.add_argument("-k", dest="keyword", help="only cases whose id or tag matches (substring or glob)")
     parser.add_argument("--reports-dir", type=Path, default=DEFAULT_REPORTS_DIR, help="where reports/<run-id>/ goes")
     args = parser.parse_args(argv)
+
+    install_log_redaction()
+    previous_handlers = install_interrupt_handlers()
+    try:
+        return _run(args)
+    except Interrupted as interrupt:
+        # Raised before the session existed, or while it was closing.
+        print(f"error: {interrupt}", file=sys.stderr)
+        return EXIT_SIGTERM if interrupt.signal_name == "SIGTERM" else EXIT_SIGINT
+    finally:
+        restore_handlers(previous_handlers)
+
+
+def _run(args: argparse.Namespace) -> int:
+    from rich.console import Console
+    from rich.progress import Progress
+
+    from harness.report import render_terminal
+    from harness.stacks.routers import RouterInstallError
 
     console = Console(stderr=False)
     try:
@@ -231,9 +455,7 @@ def main(argv: list[str]) -> int:
         )
     except (UsageError, CaseError, FixtureError) as error:
         print(f"error: {error}", file=sys.stderr)
-        return 2
-
-    from harness.report import render_terminal
+        return EXIT_ERROR
 
     try:
         with Progress(console=console, transient=True) as progress:
@@ -242,24 +464,34 @@ def main(argv: list[str]) -> int:
                 progress.update(task, description=f"case {case.id}")
                 session.diagnose(case)
                 progress.advance(task)
-    except (StackError, FixtureError) as error:
+    except (StackError, FixtureError, RouterInstallError) as error:
         first_line, _, rest = str(error).partition("\n")
         print(f"error: {first_line}", file=sys.stderr)
         if rest:
             print(rest, file=sys.stderr)
-        session.close()
-        return 2
-    except KeyboardInterrupt:
-        print("interrupted: stopping the stack", file=sys.stderr)
-        session.close()
-        return 130
-    paths = session.close()
+        with signals_ignored():
+            session.close()
+        return EXIT_ERROR
+    except KeyboardInterrupt as interrupt:
+        reason = str(interrupt) if isinstance(interrupt, Interrupted) else "interrupted by SIGINT"
+        with signals_ignored():
+            paths = session.close()
+        where = f"; partial report: {paths['html']}" if paths else ""
+        print(f"error: {reason}; stopped the stack{where}", file=sys.stderr)
+        signal_name = interrupt.signal_name if isinstance(interrupt, Interrupted) else "SIGINT"
+        return EXIT_SIGTERM if signal_name == "SIGTERM" else EXIT_SIGINT
+    with signals_ignored():
+        paths = session.close()
 
     render_terminal(session.results, console)
     if paths:
         console.print(f"report: {paths.get('html', session.run_dir)}")
+    if session.stack_died is not None:
+        first_line = session.stack_died.splitlines()[0]
+        print(f"error: the stack stopped working during the run: {first_line}", file=sys.stderr)
+        return EXIT_ERROR
     has_bugs = any(f.severity.value == "bug" for result in session.results for f in result.findings)
-    return 1 if has_bugs else 0
+    return EXIT_FINDINGS if has_bugs else 0
 
 
 if __name__ == "__main__":
