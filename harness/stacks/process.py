@@ -55,6 +55,9 @@ def current_run_id() -> str:
     """Return this harness process's run id, registering the run on first use."""
     global _run_id
     with _run_lock:
+        # Register again when the registry moved (HARNESS_CACHE_DIR changed) or was removed.
+        if _run_id is not None and not (runs_root() / _run_id / "pids").is_dir():
+            _run_id = None
         if _run_id is None:
             run_id = f"{time.strftime('%Y%m%d-%H%M%S')}-{os.getpid()}-{secrets.token_hex(3)}"
             run_dir = runs_root() / run_id
