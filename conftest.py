@@ -42,6 +42,8 @@ def pytest_addoption(parser: pytest.Parser) -> None:
         help="router release to test: sglang-router==X, smg==X, or 'installed' (default: sglang-router==0.3.2)",
     )
     group.addoption("--model-dir", type=Path, default=None, help="HF-format model folder (default: the Gemma 3 fixture)")
+    # NOTE: write folder options as --reports-dir=DIR. pytest reads a separate existing folder
+    # argument as a test path before this plugin loads, and then does not load it.
     group.addoption("--reports-dir", type=Path, default=None, help="where reports/<run-id>/ goes (default: reports/)")
 
 

@@ -134,11 +134,13 @@ class SessionConfig:
 
 @dataclass
 class Timings:
-    """Where a session's wall time went, in seconds; written to timings.json in the run folder."""
+    """Wall time of a session's steps in seconds, written to timings.json in the run folder."""
 
-    # From the first case until the stack answered chat requests in every mode (fixture
+    # From the first case until the stack served chat requests in every mode (fixture
     # build and router install included when they had to run).
     stack_start_s: float | None = None
+    # Unix time when the stack was ready; requests the engine logged before it were start-up checks.
+    stack_ready_at: float | None = None
     # Per case id: reference, replay in every mode and diff.
     cases: dict[str, float] = field(default_factory=dict)
     # Stopping the stack.
@@ -203,7 +205,7 @@ class Session:
         """Raise UsageError for a flag that cannot work, before anything starts.
 
         Checks the router spec, the model folder when one is given, and that a Docker engine
-        answers when the Docker stack was chosen.
+        replies to a ping when the Docker stack was chosen.
         """
         from harness.fixture import check_model_dir
         from harness.stacks.routers import RouterRelease
@@ -264,6 +266,7 @@ class Session:
             started = time.monotonic()
             try:
                 self._stack = self._open_stack()
+                self.timings.stack_ready_at = time.time()
             except BaseException as error:
                 self._start_error = error
                 raise

@@ -233,8 +233,7 @@ def test_component_killed_mid_stream(component, role, fixture_dir, cache_dir, ca
         # 400 tokens take far longer than this; the case ended when the component died.
         assert time.monotonic() - started < 60
         transport = [f for f in result.findings if f.kind == Kind.REQUEST_FAILED and f.layer == Layer.TRANSPORT]
-        assert transport
-        assert f"{role} died" in transport[0].explanation
+        assert any(f"{role} died" in finding.explanation for finding in transport)
 
         started = time.monotonic()
         later = session.diagnose(short_case)
