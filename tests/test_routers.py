@@ -132,10 +132,11 @@ def test_command_rejects_mismatched_scheme(no_install):
         release.command("zmq", "127.0.0.1:5000", "127.0.0.1", 8000, 29001, None, None)
 
 
-def test_env_per_release(no_install, cache_dir):
-    assert RouterRelease.parse("sglang-router==0.3.2").env() == {
-        "TIKTOKEN_ENCODINGS_BASE": str(cache_dir / "tiktoken")}
-    assert RouterRelease.parse("smg==1.13.0").env() == {}
+def test_env_points_every_release_at_vocab(no_install, cache_dir):
+    expected = {"TIKTOKEN_ENCODINGS_BASE": str(cache_dir / "tiktoken")}
+    assert RouterRelease.parse("sglang-router==0.3.2").env() == expected
+    # smg 1.1.0 to 1.8.0 panic without the vocabulary, like sglang-router 0.3.2.
+    assert RouterRelease.parse("smg==1.5.0").env() == expected
 
 
 def test_installed_without_router(monkeypatch):

@@ -50,10 +50,11 @@ class RouterPackage:
     # Flag names, by concept. Both packages spell them alike in the releases checked
     # (sglang-router 0.3.2 and smg 1.13.0 ``--help``). A release that renames one changes it here.
     flags: dict[str, str] = field(default_factory=dict)
-    # sglang-router 0.3.2 panics at start-up ("Failed to load Harmony encoding") when it cannot
-    # download o200k_base.tiktoken, so TIKTOKEN_ENCODINGS_BASE points it at a local copy.
-    # NOTE: only 0.3.2 was checked. Other sglang-router releases get the file too, which is harmless.
-    needs_harmony_vocab: bool = False
+    # sglang-router 0.3.2 and smg 1.1.0 to 1.8.0 panic at start-up ("Failed to load Harmony
+    # encoding") when they cannot download o200k_base.tiktoken, so TIKTOKEN_ENCODINGS_BASE
+    # points them at a local copy. smg 1.9.0 to 1.13.0 started without it; they get it too,
+    # which is harmless. Seen in a bisect over every smg release from 1.1.0 to 1.13.0.
+    needs_harmony_vocab: bool = True
 
 
 _COMMON_FLAGS = {
@@ -72,8 +73,7 @@ _COMMON_FLAGS = {
 }
 
 ROUTER_PACKAGES = {
-    "sglang-router": RouterPackage("sglang-router", "sglang_router.launch_router", dict(_COMMON_FLAGS),
-                                   needs_harmony_vocab=True),
+    "sglang-router": RouterPackage("sglang-router", "sglang_router.launch_router", dict(_COMMON_FLAGS)),
     "smg": RouterPackage("smg", "smg.launch_router", dict(_COMMON_FLAGS)),
 }
 
