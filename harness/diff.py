@@ -984,19 +984,28 @@ def check_stop_set(context: _Context, capture: Capture, outputs: list[Output]) -
         wire_ids = {int(i) for i in wire_sampling_params(capture.wire[0]).get("stop_token_ids") or []}
 
     # The router sent a stop list of its own making (more than the request's ids), so the
-    # list is meant as the stop set and can be checked against the reference.
+    # list is meant as the stop set and can be checked against the reference. sglang's
+    # scheduler stops on the model's EOS ids by itself unless ignore_eos is set, so EOS ids
+    # left out of the list are missing only under ignore_eos. An id that is the single-token
+    # encoding of a request stop string (smg sends those as ids) is the request's own stop.
     if wire_ids - request_ids:
-        missing = reference_set - wire_ids
-        extra = wire_ids - reference_set
+        ignore_eos = bool(wire_sampling_params(capture.wire[0]).get("ignore_eos"))
+        missing = reference_set - wire_ids if ignore_eos else set()
+        string_ids = set()
+        for stop_string in context.case.sampling.stop:
+            encoded = context.tokenizer.encode(stop_string, add_special_tokens=False)
+            if len(encoded) == 1:
+                string_ids.add(int(encoded[0]))
+        extra = wire_ids - reference_set - request_ids - string_ids
         if missing:
             findings.append(
                 context.finding(
                     Kind.STOP_SET_MISSING,
                     Layer.STOP_SET,
                     capture.mode,
-                    f"The router sent stop_token_ids [{context.stop_list(wire_ids)}] without "
-                    f"{context.stop_list(missing)}, which the model's generation config lists as EOS; "
-                    "generation will run past the end of turn.",
+                    f"The router sent ignore_eos with stop_token_ids [{context.stop_list(wire_ids)}], "
+                    f"without {context.stop_list(missing)}, which the model's generation config lists as "
+                    "EOS, so the server will not stop on them.",
                     expected=sorted(reference_set),
                     observed=sorted(wire_ids),
                     expected_text=context.stop_list(missing),

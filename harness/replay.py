@@ -31,6 +31,11 @@ log = logging.getLogger(__name__)
 # Upper bound for one request; a 512-token CPU decode takes about a minute.
 REQUEST_TIMEOUT_S = 600.0
 
+# After a failed request, how long to watch for a component exit that caused it. A process
+# killed with SIGKILL closes its sockets before its parent can reap it (tearing down the
+# engine's 1 GB of weights takes a moment), so the router can report the failure first.
+DEATH_SETTLE_S = 3.0
+
 
 def replay_case(case: Case, stack: Stack, reference: Reference, tokenizer: Any) -> dict[str, Capture]:
     """Send the case through every mode it lists and return the captures by mode.
@@ -69,7 +74,7 @@ def replay_case(case: Case, stack: Stack, reference: Reference, tokenizer: Any) 
             capture.error or f"{sum(len(c.output_ids or []) for c in capture.choices)} output ids",
         )
         captures[mode] = capture
-        death = _stack_death(stack)
+        death = _stack_death(stack, settle_s=DEATH_SETTLE_S if capture.error else 0.0)
         if death is not None:
             # A stream cut short by a dying router can look complete, so the capture counts
             # as failed whether or not the request itself reported an error.
@@ -81,12 +86,17 @@ def replay_case(case: Case, stack: Stack, reference: Reference, tokenizer: Any) 
     return captures
 
 
-def _stack_death(stack: Stack) -> str | None:
-    try:
-        stack.check_alive()
-    except StackError as error:
-        return str(error)
-    return None
+def _stack_death(stack: Stack, settle_s: float = 0.0) -> str | None:
+    """Return the message of a component that exited, polling up to ``settle_s`` for one."""
+    deadline = time.monotonic() + settle_s
+    while True:
+        try:
+            stack.check_alive()
+        except StackError as error:
+            return str(error)
+        if time.monotonic() >= deadline:
+            return None
+        time.sleep(0.05)
 
 
 def failed_captures(case: Case, reason: str, modes: list[str] | None = None) -> dict[str, Capture]:

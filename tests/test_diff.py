@@ -250,11 +250,29 @@ def test_prompt_count_grpc_usage_vs_wire():
 
 def test_stop_set_missing_from_wire():
     case = make_case()
-    params = wire_params(case, stop_token_ids=[EOS])
+    params = wire_params(case, stop_token_ids=[EOS], ignore_eos=True)
     finding = only(run(case, {"grpc": grpc_capture(case, params=params)}), Kind.STOP_SET_MISSING)
     assert finding.evidence["missing"] == [END_OF_TURN]
     assert finding.observed == [EOS]
     assert "<end_of_turn>" in finding.explanation
+
+
+def test_wire_stop_list_without_eos_is_fine():
+    # Without ignore_eos the server adds the model's EOS ids to any stop list itself.
+    case = make_case()
+    params = wire_params(case, stop_token_ids=[EOS, 107])
+    findings = run(case, {"grpc": grpc_capture(case, params=params)})
+    assert Kind.STOP_SET_MISSING not in kinds(findings)
+
+
+def test_stop_string_sent_as_id_is_no_extra():
+    # smg sends a stop string that is one token as a stop id.
+    case = make_case(stop=["."])
+    (period,) = tokenizer().encode(".", add_special_tokens=False)
+    params = wire_params(case, stop_token_ids=[period])
+    findings = run(case, {"grpc": grpc_capture(case, params=params)})
+    assert Kind.STOP_SET_EXTRA not in kinds(findings)
+    assert Kind.STOP_SET_MISSING not in kinds(findings)
 
 
 def test_stop_set_extra_from_wire():
