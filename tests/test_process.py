@@ -170,7 +170,9 @@ def test_pid_record_removed_on_stop(tmp_path):
     child = ManagedProcess("sleep", ["sleep", "60"], env=None, log_path=tmp_path / "s.log")
     child.start()
     record = process_module.current_run_dir() / "pids" / str(child.pid)
-    assert record.read_text().strip() == "sleep"
+    name, start_time = record.read_text().split()
+    assert name == "sleep"
+    assert start_time == process_module._process_start_time(child.pid)
 
     child.stop(timeout=5)
 
@@ -217,6 +219,43 @@ def test_reaper_kills_dead_runs_groups(tmp_path):
     assert not pid_alive(orphan_pgid)
     assert not pid_alive(grandchild_pid)
     assert list((Path(cache) / "runs").iterdir()) == []
+
+
+def test_reaper_kills_group_without_run_id_in_environ(tmp_path):
+    """sglang-router overwrites its environment with its process title; the start time still matches."""
+    run_dir = Path(os.environ["HARNESS_CACHE_DIR"]) / "runs" / "dead-run-cleared-environ"
+    (run_dir / "pids").mkdir(parents=True)
+    (run_dir / "owner").write_text("999999999 0\n")
+    # env -i execs sleep in place with an empty environment, so no HARNESS_RUN_ID is left.
+    orphan = subprocess.Popen(["env", "-i", "sleep", "60"], start_new_session=True)
+    try:
+        deadline = time.monotonic() + 5
+        while b"HARNESS_RUN_ID" in Path(f"/proc/{orphan.pid}/environ").read_bytes() and time.monotonic() < deadline:
+            time.sleep(0.02)
+        start_time = process_module._process_start_time(orphan.pid)
+        (run_dir / "pids" / str(orphan.pid)).write_text(f"router\n{start_time}\n")
+
+        assert reap_leftovers() == [orphan.pid]
+        assert orphan.wait(5) == -signal.SIGKILL
+    finally:
+        if orphan.poll() is None:
+            orphan.kill()
+            orphan.wait()
+
+
+def test_reaper_spares_pgid_with_other_start_time(tmp_path):
+    unrelated = subprocess.Popen(["env", "-i", "sleep", "60"], start_new_session=True)
+    try:
+        run_dir = Path(os.environ["HARNESS_CACHE_DIR"]) / "runs" / "dead-run-reused"
+        (run_dir / "pids").mkdir(parents=True)
+        (run_dir / "owner").write_text("999999999 0\n")
+        (run_dir / "pids" / str(unrelated.pid)).write_text("router\n1\n")
+
+        assert reap_leftovers() == []
+        assert unrelated.poll() is None
+    finally:
+        unrelated.kill()
+        unrelated.wait()
 
 
 def test_reaper_spares_reused_pgid(tmp_path):

@@ -127,9 +127,10 @@ def _kill_group(pgid: int, sig: int) -> None:
 def reap_leftovers() -> list[int]:
     """Kill the process groups of earlier runs whose owner is dead; return the killed pgids.
 
-    A group is killed only when one of its live members still carries the dead run's
-    ``HARNESS_RUN_ID``, so a pgid that the kernel reused for an unrelated process survives.
-    The run's records are removed either way.
+    A group is killed only when its leader still has the start time recorded at launch, or
+    one of its live members still carries the dead run's ``HARNESS_RUN_ID``, so a pgid that
+    the kernel reused for an unrelated process survives. The run's records are removed
+    either way.
     """
     root = runs_root()
     if not root.is_dir():
@@ -146,10 +147,14 @@ def reap_leftovers() -> list[int]:
                 pgid = int(record.name)
             except ValueError:
                 continue
+            name, _, recorded_start = record.read_text().partition("\n")
+            recorded_start = recorded_start.strip()
             members = _group_members(pgid)
-            if any(_environ_has_run_id(pid, run_dir.name) for pid in members):
-                log.warning("killing leftover process group %d (%s) of run %s",
-                            pgid, record.read_text().strip(), run_dir.name)
+            # Routers overwrite their environment with their process title, so the leader's
+            # recorded start time is the first proof that the group is still the one started.
+            leader_is_ours = bool(recorded_start) and _process_start_time(pgid) == recorded_start
+            if leader_is_ours or any(_environ_has_run_id(pid, run_dir.name) for pid in members):
+                log.warning("killing leftover process group %d (%s) of run %s", pgid, name.strip(), run_dir.name)
                 _kill_group(pgid, signal.SIGKILL)
                 killed.append(pgid)
         shutil.rmtree(run_dir, ignore_errors=True)
@@ -242,9 +247,14 @@ class ManagedProcess:
             except OSError as error:
                 raise OSError(f"cannot start {self.name} ({self.argv[0]}): {error}") from error
 
-        # With start_new_session the child's pid is its process group id.
-        self._record = current_run_dir() / "pids" / str(self.popen.pid)
-        self._record.write_text(f"{self.name}\n")
+        # With start_new_session the child's pid is its process group id. The record keeps
+        # the leader's start time, so a later run can tell it from a reused pid.
+        try:
+            self._record = current_run_dir() / "pids" / str(self.popen.pid)
+            self._record.write_text(f"{self.name}\n{_process_start_time(self.popen.pid) or ''}\n")
+        except BaseException:
+            self.stop(timeout=5.0)
+            raise
         log.info("started %s (pid %d), log: %s", self.name, self.popen.pid, self.log_path)
 
     def alive(self) -> bool:
