@@ -184,5 +184,9 @@ def main(argv: list[str]) -> int:
     except FixtureError as error:
         print(f"error: {error}", file=sys.stderr)
         return 2
+    except OSError as error:
+        where = f"--out {args.out}" if args.out else f"the cache folder {cache_root()}"
+        print(f"error: cannot write the fixture to {where}: {error.strerror or error}", file=sys.stderr)
+        return 2
     print(path)
     return 0

@@ -114,6 +114,28 @@ def render_matrix(runs: list[ReleaseRun], cases: list[Case], console) -> None:
         console.print(f"{run.release}: install {run.install_s:.0f} s, run {run.run_s:.0f} s")
 
 
+def check_release_specs(specs: list[str]) -> None:
+    """Raise UsageError naming the first spec that is not a router release."""
+    from harness.stacks.routers import RouterRelease
+
+    for spec in specs:
+        try:
+            RouterRelease.parse(spec)
+        except ValueError as error:
+            raise UsageError(f"--router: {error}") from None
+
+
+def install_releases(specs: list[str]) -> None:
+    """Install each release into its cached venv; raise UsageError naming one that fails."""
+    from harness.stacks.routers import RouterInstallError, RouterRelease
+
+    for spec in specs:
+        try:
+            RouterRelease.parse(spec).ensure()
+        except (RouterInstallError, ValueError) as error:
+            raise UsageError(str(error).splitlines()[0]) from None
+
+
 def _common_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("paths", nargs="*", type=Path, help="case files or folders (default: cases/)")
     parser.add_argument("-k", dest="keyword", help="only cases whose id or tag matches (substring or glob)")
@@ -131,6 +153,7 @@ def main_matrix(argv: list[str]) -> int:
     args = parser.parse_args(argv)
     try:
         cases = select_cases(args.paths or [DEFAULT_CASES_DIR], args.keyword)
+        check_release_specs(args.router)
     except (UsageError, CaseError) as error:
         print(f"error: {error}", file=sys.stderr)
         return 2
@@ -173,6 +196,9 @@ def main_bisect(argv: list[str]) -> int:
     try:
         cases = select_cases(args.paths or [DEFAULT_CASES_DIR], args.keyword)
         releases = releases_between(args.good, args.bad, args.candidates)
+        # Both ends must run before any case does: a typo in --good should not cost a
+        # full replay on --bad first.
+        install_releases([args.good, args.bad])
     except (UsageError, CaseError, BisectError) as error:
         print(f"error: {error}", file=sys.stderr)
         return 2

@@ -450,13 +450,27 @@ def read_calls(path: Path | str) -> list[dict[str, Any]]:
     return [entry for entry in entries if entry.get("kind") == "call"]
 
 
+def _address(flag: str):
+    """Return an argparse type that accepts HOST:PORT with a port from 1 to 65535."""
+
+    def parse(value: str) -> str:
+        host, separator, port = value.rpartition(":")
+        if not separator or not host or not port.isdigit() or not 1 <= int(port) <= 65535:
+            raise argparse.ArgumentTypeError(f"{flag} must be HOST:PORT with a port from 1 to 65535, got {value!r}")
+        return value
+
+    return parse
+
+
 def main(argv: list[str]) -> int:
     """Run ``python -m harness tap --listen HOST:PORT --upstream HOST:PORT --record FILE``."""
     parser = argparse.ArgumentParser(prog="python -m harness tap", description=__doc__.splitlines()[0])
-    parser.add_argument("--listen", required=True, help="address the router connects to, HOST:PORT")
-    parser.add_argument("--upstream", required=True, help="the server's gRPC address, HOST:PORT")
+    parser.add_argument("--listen", required=True, type=_address("--listen"), help="address the router connects to, HOST:PORT")
+    parser.add_argument("--upstream", required=True, type=_address("--upstream"), help="the server's gRPC address, HOST:PORT")
     parser.add_argument("--record", required=True, type=Path, help="JSON-lines file the calls are appended to")
     args = parser.parse_args(argv)
+    if args.record.is_dir():
+        parser.error(f"--record {args.record} is a folder; give a file path")
 
     tap = Tap(args.listen, args.upstream, args.record)
     try:
