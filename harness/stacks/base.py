@@ -9,6 +9,7 @@ through this interface, so the CPU stack and the Docker stack are interchangeabl
 from __future__ import annotations
 
 import abc
+import time
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING
@@ -96,3 +97,32 @@ class Stack(abc.ABC):
     @abc.abstractmethod
     def check_alive(self) -> None:
         """Raise StackError naming the component that exited, with its log tail."""
+
+
+# How long a finished chat request may take to show up in the tap's record file: the router
+# can answer its client before the tap has written the call's line.
+WIRE_SETTLE_TIMEOUT_S = 5.0
+
+
+class TapRecordFile:
+    """The wire methods of a stack whose tap appends Generate calls to ``self.wire_path``."""
+
+    wire_path: Path
+
+    def wire_mark(self) -> int:
+        return len(self._generate_records())
+
+    def wire_records_since(self, mark: int) -> list["WireRecord"]:
+        deadline = time.monotonic() + WIRE_SETTLE_TIMEOUT_S
+        records = self._generate_records()[mark:]
+        while not records and time.monotonic() < deadline:
+            time.sleep(0.05)
+            records = self._generate_records()[mark:]
+        return records
+
+    def _generate_records(self) -> list["WireRecord"]:
+        from harness.tap import read_records
+
+        if not self.wire_path.exists():
+            return []
+        return [record for record in read_records(self.wire_path) if record.request.prompt_ids]

@@ -24,12 +24,10 @@ import time
 from pathlib import Path
 from typing import Callable
 
-from harness.capture import WireRecord
-from harness.stacks.base import Endpoints, Stack, StackError, StackInfo
+from harness.stacks.base import Endpoints, Stack, StackError, StackInfo, TapRecordFile
 from harness.stacks.process import ManagedProcess, free_port, reap_leftovers
 from harness.stacks.routers import RouterRelease
 from harness.stacks.waiting import ChatSucceeds, GrpcHealthy, HttpOk, PortOpen, ProcessExited
-from harness.tap import read_records
 
 log = logging.getLogger(__name__)
 
@@ -51,9 +49,6 @@ START_ATTEMPTS = 3
 
 # The CPU stack reads its model from a local folder, so its components get no hub token.
 HUB_TOKEN_VARIABLES = ("HF_TOKEN", "HUGGING_FACE_HUB_TOKEN", "HUGGINGFACE_HUB_TOKEN")
-# How long a finished chat request may take to show up in the tap's record file: the router
-# can answer its client before the tap has written the call's line.
-WIRE_SETTLE_TIMEOUT_S = 5.0
 
 
 def start_timeout(default_s: float) -> float:
@@ -75,7 +70,7 @@ def component_role(process_name: str) -> str:
     return process_name.split("-", 1)[0]
 
 
-class CpuStack(Stack):
+class CpuStack(TapRecordFile, Stack):
     name = "cpu"
 
     def __init__(self, model_dir: Path, router: str, run_dir: Path, served_model_name: str = SERVED_MODEL_NAME):
@@ -221,22 +216,6 @@ class CpuStack(Stack):
             served_model_name=self.served_model_name,
             versions={"router": self.release.spec},
         )
-
-    def wire_mark(self) -> int:
-        return len(self._generate_records())
-
-    def wire_records_since(self, mark: int) -> list[WireRecord]:
-        deadline = time.monotonic() + WIRE_SETTLE_TIMEOUT_S
-        records = self._generate_records()[mark:]
-        while not records and time.monotonic() < deadline:
-            time.sleep(0.05)
-            records = self._generate_records()[mark:]
-        return records
-
-    def _generate_records(self) -> list[WireRecord]:
-        if not self.wire_path.exists():
-            return []
-        return [record for record in read_records(self.wire_path) if record.request.prompt_ids]
 
     def log_paths(self) -> dict[str, Path]:
         return {process.name: process.log_path for process in self._processes}

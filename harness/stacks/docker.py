@@ -36,8 +36,7 @@ import time
 from pathlib import Path
 from typing import Any, Callable, Mapping, Sequence
 
-from harness.capture import WireRecord
-from harness.stacks.base import Endpoints, Stack, StackError, StackInfo
+from harness.stacks.base import Endpoints, Stack, StackError, StackInfo, TapRecordFile
 from harness.stacks.process import ManagedProcess, current_run_id, free_port, reap_leftovers
 from harness.stacks.routers import ROUTER_PACKAGES, WORKER_URL_SCHEMES, RouterPackage, RouterRelease
 from harness.stacks.waiting import ChatSucceeds, GrpcHealthy, HttpOk, PortOpen, WaitStrategy
@@ -69,8 +68,6 @@ ROUTER_START_TIMEOUT_S = 300.0
 # pip-installing a router release into the container downloads its wheel from PyPI.
 ROUTER_INSTALL_TIMEOUT_S = 600.0
 TAP_START_TIMEOUT_S = 30.0
-# The router can return its response before the tap has written the call's line.
-WIRE_SETTLE_TIMEOUT_S = 5.0
 # Timeout of each Docker API call; pulling and starting use their own bounds above.
 DOCKER_API_TIMEOUT_S = 120
 
@@ -456,7 +453,7 @@ class ContainerProcess:
 # -- the stack ------------------------------------------------------------------------------------
 
 
-class DockerStack(Stack):
+class DockerStack(TapRecordFile, Stack):
     name = "docker"
 
     def __init__(
@@ -712,24 +709,6 @@ class DockerStack(Stack):
             served_model_name=self.served_model_name,
             versions=dict(self._versions),
         )
-
-    def wire_mark(self) -> int:
-        return len(self._generate_records())
-
-    def wire_records_since(self, mark: int) -> list[WireRecord]:
-        deadline = time.monotonic() + WIRE_SETTLE_TIMEOUT_S
-        records = self._generate_records()[mark:]
-        while not records and time.monotonic() < deadline:
-            time.sleep(0.05)
-            records = self._generate_records()[mark:]
-        return records
-
-    def _generate_records(self) -> list[WireRecord]:
-        from harness.tap import read_records
-
-        if not self.wire_path.exists():
-            return []
-        return [record for record in read_records(self.wire_path) if record.request.prompt_ids]
 
     def log_paths(self) -> dict[str, Path]:
         paths = {process.name: process.log_path for process in self._processes}
