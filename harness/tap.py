@@ -34,6 +34,7 @@ from google.protobuf import descriptor_pb2, descriptor_pool, json_format, messag
 from smg_grpc_proto.generated import sglang_scheduler_pb2
 
 from harness.capture import TokenLogprob, WireCompletion, WireRecord, WireRequest, _wire_from_dict
+from harness.lifecycle import StartStop
 
 log = logging.getLogger(__name__)
 
@@ -244,7 +245,7 @@ class _ForwardAll(grpc.GenericRpcHandler):
         return grpc.stream_stream_rpc_method_handler(forward)
 
 
-class Tap:
+class Tap(StartStop):
     """A recording proxy: ``listen`` and ``upstream`` are "host:port"; port 0 picks a free port.
 
     ``record_path`` receives one JSON line per finished call; None keeps records in memory only.
@@ -263,17 +264,6 @@ class Tap:
         self._records: list[WireRecord] = []
         self._calls: list[dict[str, Any]] = []
         self._generate_in_flight = 0
-
-    def __enter__(self) -> "Tap":
-        try:
-            self.start()
-        except BaseException:
-            self.stop()
-            raise
-        return self
-
-    def __exit__(self, *exc_info: object) -> None:
-        self.stop()
 
     def start(self) -> None:
         if self.record_path is not None:

@@ -1,8 +1,8 @@
 """The interface every stack offers: start, endpoints per mode, logs, wire records, stop.
 
-A stack is the set of processes (or containers) that serve one model twice: a router in
-gRPC mode in front of the server's gRPC listener, with the tap on that wire, and a router
-in HTTP mode in front of the server's HTTP listener. The replay only talks to a stack
+A stack is the set of processes (or containers) that serve one model twice. A router in
+gRPC mode sits in front of the server's gRPC listener, with the tap on that wire, and a
+router in HTTP mode sits in front of the server's HTTP listener. The replay only talks to a stack
 through this interface, so the CPU stack and the Docker stack are interchangeable.
 """
 
@@ -13,6 +13,8 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING
+
+from harness.lifecycle import StartStop
 
 if TYPE_CHECKING:
     from harness.capture import WireRecord
@@ -39,7 +41,7 @@ class Endpoints:
 
 @dataclass
 class StackInfo:
-    """What a report says about the stack a run used."""
+    """Facts about the stack a run used, as the report shows them."""
 
     name: str
     router: str
@@ -48,21 +50,10 @@ class StackInfo:
     versions: dict[str, str] = field(default_factory=dict)
 
 
-class Stack(abc.ABC):
+class Stack(StartStop, abc.ABC):
     """A started-on-enter, stopped-on-exit set of servers; cleans up when start fails."""
 
     name: str = "stack"
-
-    def __enter__(self) -> "Stack":
-        try:
-            self.start()
-        except BaseException:
-            self.stop()
-            raise
-        return self
-
-    def __exit__(self, *exc_info: object) -> None:
-        self.stop()
 
     @abc.abstractmethod
     def start(self) -> None:
@@ -72,15 +63,20 @@ class Stack(abc.ABC):
     def stop(self) -> None:
         """Stop every component this stack started; safe to call twice or after a failed start."""
 
+    # Set by ``start`` once every component is ready.
+    _endpoints: Endpoints | None = None
+
     @property
-    @abc.abstractmethod
     def endpoints(self) -> Endpoints:
-        """Return the endpoints; valid after ``start`` returned."""
+        """Return the endpoints; raise StackError before ``start`` has returned."""
+        if self._endpoints is None:
+            raise StackError(f"the {self.name} stack is not started")
+        return self._endpoints
 
     @property
     @abc.abstractmethod
     def info(self) -> StackInfo:
-        """Return what the report says about this stack."""
+        """Return the facts the report shows about this stack."""
 
     @abc.abstractmethod
     def wire_mark(self) -> int:
@@ -99,8 +95,8 @@ class Stack(abc.ABC):
         """Raise StackError naming the component that exited, with its log tail."""
 
 
-# How long a finished chat request may take to show up in the tap's record file: the router
-# can answer its client before the tap has written the call's line.
+# How long a finished chat request may take to show up in the tap's record file, because the
+# router can respond to its client before the tap has written the call's line.
 WIRE_SETTLE_TIMEOUT_S = 5.0
 
 

@@ -202,12 +202,6 @@ class CpuStack(TapRecordFile, Stack):
     # -- what the replay reads ---------------------------------------------------------------
 
     @property
-    def endpoints(self) -> Endpoints:
-        if self._endpoints is None:
-            raise StackError("the cpu stack is not started")
-        return self._endpoints
-
-    @property
     def info(self) -> StackInfo:
         return StackInfo(
             name=self.name,

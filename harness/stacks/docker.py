@@ -695,12 +695,6 @@ class DockerStack(TapRecordFile, Stack):
     # -- what the replay reads ---------------------------------------------------------------
 
     @property
-    def endpoints(self) -> Endpoints:
-        if self._endpoints is None:
-            raise StackError("the docker stack is not started")
-        return self._endpoints
-
-    @property
     def info(self) -> StackInfo:
         return StackInfo(
             name=self.name,

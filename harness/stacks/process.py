@@ -26,6 +26,7 @@ from pathlib import Path
 from typing import Mapping, Sequence
 
 from harness.fixture import cache_root
+from harness.lifecycle import StartStop
 
 log = logging.getLogger(__name__)
 
@@ -171,7 +172,7 @@ def _owner_alive(run_dir: Path) -> bool:
     return _process_start_time(int(pid_text)) == start_time
 
 
-class ManagedProcess:
+class ManagedProcess(StartStop):
     """A child process in its own process group, logging to a file, stopped as a group.
 
     ``env`` contains variables set on top of the current environment (None values remove a
@@ -194,17 +195,6 @@ class ManagedProcess:
         self.cwd = cwd
         self.popen: subprocess.Popen[bytes] | None = None
         self._record: Path | None = None
-
-    def __enter__(self) -> "ManagedProcess":
-        try:
-            self.start()
-        except BaseException:
-            self.stop()
-            raise
-        return self
-
-    def __exit__(self, *exc_info: object) -> None:
-        self.stop()
 
     def __repr__(self) -> str:
         return f"ManagedProcess({self.name!r}, pid={self.pid}, returncode={self.returncode})"
