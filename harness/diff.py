@@ -23,7 +23,7 @@ import math
 from dataclasses import dataclass, field
 from typing import Any, Iterable, Protocol, Sequence
 
-from harness.capture import Capture, ChoiceCapture, TokenLogprob, WireRecord
+from harness.capture import Capture, TokenLogprob, WireRecord
 from harness.cases import Case
 from harness.findings import Finding, Kind, Layer, Severity
 from harness.reference import Reference
@@ -1422,46 +1422,37 @@ def _divergence(context: _Context, output: Output, baseline: Output, prompt_laye
     note = " (ids re-encoded from text, weaker evidence)" if weak else ""
     if tie is not None:
         evidence["logprobs"] = tie
-        return [
-            context.finding(
-                Kind.NEAR_TIE,
-                Layer.SAMPLING,
-                output.mode,
-                f"{output.mode} chose {observed_id} {context.piece(observed_id)!r} and {baseline.mode} chose "
-                f"{expected_id} {context.piece(expected_id)!r} at output position {prefix}, and each is in the "
-                "other's top logprobs; the candidates are near-equal, so this is numerics, not a bug.",
-                severity=Severity.NEAR_TIE,
-                stream="output",
-                position=prefix,
-                expected=[expected_id],
-                observed=[observed_id],
-                expected_text=context.piece(expected_id),
-                observed_text=context.piece(observed_id),
-                baseline=baseline.mode,
-                choice_index=output.index,
-                evidence=evidence,
-            )
-        ]
-    if prompt_layer is not None:
-        severity, layer = Severity.INFO, prompt_layer
-        cause = f"the prompt ids of {output.mode} differ (see above), which explains a different answer"
-    elif output.logprobs and baseline.logprobs:
-        severity, layer = Severity.BUG, Layer.SAMPLING
-        cause = "the tokens are not in each other's top logprobs, so the sides did not sample the same distribution"
+        kind, layer, severity = Kind.NEAR_TIE, Layer.SAMPLING, Severity.NEAR_TIE
+        explanation = (
+            f"{output.mode} chose {observed_id} {context.piece(observed_id)!r} and {baseline.mode} chose "
+            f"{expected_id} {context.piece(expected_id)!r} at output position {prefix}, and each is in the "
+            "other's top logprobs; the candidates are near-equal, so this is numerics, not a bug."
+        )
     else:
-        severity, layer = Severity.BUG, Layer.SAMPLING
-        cause = (
-            "no logprobs were returned on both sides, so a near-tie cannot be ruled out "
-            "(request logprobs with top_logprobs to tell)"
+        kind = Kind.OUTPUT_DIVERGENCE
+        if prompt_layer is not None:
+            severity, layer = Severity.INFO, prompt_layer
+            cause = f"the prompt ids of {output.mode} differ (see above), which explains a different answer"
+        elif output.logprobs and baseline.logprobs:
+            severity, layer = Severity.BUG, Layer.SAMPLING
+            cause = "the tokens are not in each other's top logprobs, so the sides did not sample the same distribution"
+        else:
+            severity, layer = Severity.BUG, Layer.SAMPLING
+            cause = (
+                "no logprobs were returned on both sides, so a near-tie cannot be ruled out "
+                "(request logprobs with top_logprobs to tell)"
+            )
+        explanation = (
+            f"{output.mode} departs from {baseline.mode} at output position {prefix} after {prefix} matching "
+            f"tokens (expected {expected_id} {context.piece(expected_id)!r}, observed {observed_id} "
+            f"{context.piece(observed_id)!r}){note}; {cause}."
         )
     return [
         context.finding(
-            Kind.OUTPUT_DIVERGENCE,
+            kind,
             layer,
             output.mode,
-            f"{output.mode} departs from {baseline.mode} at output position {prefix} after {prefix} matching "
-            f"tokens (expected {expected_id} {context.piece(expected_id)!r}, observed {observed_id} "
-            f"{context.piece(observed_id)!r}){note}; {cause}.",
+            explanation,
             severity=severity,
             stream="output",
             position=prefix,

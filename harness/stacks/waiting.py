@@ -129,12 +129,9 @@ class HttpOk(WaitStrategy):
         self.request_timeout_s = request_timeout_s
 
     def check(self) -> str | None:
-        import requests
-
-        try:
-            response = requests.get(self.target, timeout=self.request_timeout_s)
-        except requests.RequestException as error:
-            return f"GET failed: {type(error).__name__}: {error}"
+        response, failure = _get(self.target, self.request_timeout_s)
+        if failure is not None:
+            return failure
         if 200 <= response.status_code < 300:
             return None
         return f"GET returned {response.status_code}: {response.text[:200]}"
@@ -240,6 +237,16 @@ class ChatSucceeds(WaitStrategy):
         raise NotReadyError(summary)
 
 
+def _get(url: str, timeout_s: float):
+    """GET ``url``; return (response, None), or (None, why the request failed)."""
+    import requests
+
+    try:
+        return requests.get(url, timeout=timeout_s), None
+    except requests.RequestException as error:
+        return None, f"GET failed: {type(error).__name__}: {error}"
+
+
 def _short_body(text: str, limit: int = 300) -> str:
     try:
         text = json.dumps(json.loads(text), separators=(",", ":"))
@@ -277,12 +284,9 @@ class WorkerListed(WaitStrategy):
         self.request_timeout_s = request_timeout_s
 
     def check(self) -> str | None:
-        import requests
-
-        try:
-            response = requests.get(self.target, timeout=self.request_timeout_s)
-        except requests.RequestException as error:
-            return f"GET failed: {type(error).__name__}: {error}"
+        response, failure = _get(self.target, self.request_timeout_s)
+        if failure is not None:
+            return failure
         if response.status_code != 200:
             return f"GET returned {response.status_code}: {_short_body(response.text)}"
         try:
