@@ -129,26 +129,30 @@ def post_chat(case_id: str, mode: str, base_url: str, request: dict[str, Any]) -
         )
 
 
+# Case sampling keys (the OpenAI API's names) and their names in sglang's native sampling_params.
+NATIVE_SAMPLING_NAMES = {
+    "temperature": "temperature",
+    "top_p": "top_p",
+    "top_k": "top_k",
+    "max_tokens": "max_new_tokens",
+    "seed": "sampling_seed",
+}
+
+
 def generate_request(case: Case, prompt_ids: list[int]) -> dict[str, Any]:
     """Translate a case into sglang's native ``/generate`` body for the given prompt ids."""
     sampling = case.sampling
     params: dict[str, Any] = {}
-    if sampling.temperature is not None:
-        params["temperature"] = sampling.temperature
-    if sampling.top_p is not None:
-        params["top_p"] = sampling.top_p
-    if sampling.top_k is not None:
-        params["top_k"] = sampling.top_k
-    if sampling.max_tokens is not None:
-        params["max_new_tokens"] = sampling.max_tokens
+    for case_name, native_name in NATIVE_SAMPLING_NAMES.items():
+        value = getattr(sampling, case_name)
+        if value is not None:
+            params[native_name] = value
     if sampling.stop:
         params["stop"] = list(sampling.stop)
     if sampling.stop_token_ids:
         params["stop_token_ids"] = list(sampling.stop_token_ids)
     if sampling.n != 1:
         params["n"] = sampling.n
-    if sampling.seed is not None:
-        params["sampling_seed"] = sampling.seed
     if sampling.ignore_eos:
         params["ignore_eos"] = True
     body: dict[str, Any] = {"input_ids": list(prompt_ids), "sampling_params": params, "stream": False}
