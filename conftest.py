@@ -8,10 +8,13 @@ diff; the whole run is written to ``reports/<run-id>/`` when the session ends.
 The harness's own tests (``pytest tests``) never collect YAML files outside ``cases/``
 unless they are named on the command line, so they never start a stack.
 
-Exit codes (pytest's own): 0 every item passed, 1 an item has findings of severity bug or
-the stack failed (each item then fails with one line, and the full error with the log tail
-is printed once at the end), 2 interrupted by SIGINT or SIGTERM (the stack is stopped
-first), 4 a usage error such as a missing --model-dir or no Docker engine for --stack docker.
+Exit codes (pytest's own):
+
+- 0: every item passed.
+- 1: an item has findings of severity bug, or the stack failed. On a stack failure each item
+  fails with one line, and the full error with the log tail is printed once at the end.
+- 2: interrupted by SIGINT or SIGTERM, after the stack was stopped.
+- 4: a usage error, such as a missing --model-dir or no Docker engine for --stack docker.
 """
 
 from __future__ import annotations

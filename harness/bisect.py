@@ -3,7 +3,7 @@
 The router was published as ``sglang-router`` and later as ``smg``; both names form one
 release history, ordered by package (in ``PACKAGE_ORDER``) and then by version. Given a
 release with a finding and one without, the bisect tests the midpoint release each step and
-narrows the range to the adjacent pair where the answer flips.
+narrows the range to the adjacent pair where the result flips.
 
 The search logic takes an ``evaluate`` callable, so it is tested without installing any
 router; ``harness.matrix`` supplies the evaluator that really runs the cases.
@@ -23,18 +23,18 @@ PACKAGE_ORDER = ("sglang-router", "smg")
 
 FINDING = "finding"
 CLEAN = "clean"
-# The release could not be installed or started, or its answer is not about the finding
+# The release could not be installed or started, or its result is not about the finding
 # (crash, HTTP 5xx): the bisect steps around it.
 SKIP = "skip"
 
 
 class BisectError(RuntimeError):
-    """The bisect cannot start or cannot conclude; the message says why in one line."""
+    """The bisect cannot start or cannot conclude; the message explains why in one line."""
 
 
 @dataclass(frozen=True)
 class Outcome:
-    """What running the cases on one release showed."""
+    """Result of running the cases on one release."""
 
     release: str
     status: str
@@ -44,14 +44,14 @@ class Outcome:
 
 @dataclass
 class BisectResult:
-    # The adjacent pair (in release order) where the answer flips.
+    # The adjacent pair (in release order) where the result flips.
     last_before: Outcome | None
     first_after: Outcome | None
     flipped_kinds: frozenset[str]
     tried: list[Outcome] = field(default_factory=list)
     # Releases between the flip pair that could not be tested, so the flip lies among them.
     untested_between: list[str] = field(default_factory=list)
-    # Tested releases whose answer disagrees with the side of the flip they are on.
+    # Tested releases whose result disagrees with the side of the flip they are on.
     non_monotonic: list[Outcome] = field(default_factory=list)
 
     def summary(self) -> str:
@@ -67,7 +67,7 @@ class BisectResult:
             text += f"; untested in between: {', '.join(self.untested_between)}"
         if self.non_monotonic:
             odd = ", ".join(f"{o.release} ({o.status})" for o in self.non_monotonic)
-            text += f"; answers are not monotonic, the flip is not unique: {odd}"
+            text += f"; results are not monotonic, the flip is not unique: {odd}"
         return text
 
 
@@ -116,12 +116,12 @@ def releases_between(good: str, bad: str, candidates: Iterable[str] | None = Non
 
 
 def bisect(releases: list[str], evaluate: Callable[[str], Outcome], verify: int = 0) -> BisectResult:
-    """Find the adjacent pair of ``releases`` where the answer of ``releases[0]`` flips.
+    """Find the adjacent pair of ``releases`` where the result of ``releases[0]`` flips.
 
     ``releases[0]`` and ``releases[-1]`` must both be testable and must disagree on at
     least one finding kind; the kinds in which they disagree are what the bisect follows.
     A binary search alone cannot see a history that flips more than once, because every
-    release it tests ends up on the side it answered. ``verify`` more releases, spread
+    release it tests ends up on the side of its own result. ``verify`` more releases, spread
     over the untested ones, are tested afterwards; any of them on the wrong side of the
     flip is reported in ``non_monotonic``.
     """

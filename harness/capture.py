@@ -1,8 +1,8 @@
 """Captures: what one mode returned for one case, as token streams and response fields.
 
-A capture is the only thing the diff sees of a stack. It holds what the router sent back to
+A capture is the only input the diff takes from a stack. It holds what the router sent back to
 the client (text, finish_reason, matched_stop, usage, logprobs) and, where a tap sat on the
-gRPC wire, the prompt ids and output ids that crossed it. Every field says where it came
+gRPC wire, the prompt ids and output ids that crossed it. Every field records where it came
 from, so a finding never presents a derived value as an observed one.
 
 Modes:

@@ -67,7 +67,7 @@ def replay_case(case: Case, stack: Stack, reference: Reference, tokenizer: Any) 
         else:
             raise ValueError(f"case {case.id}: unknown mode {mode!r}")
         log.info(
-            "case %s: %s mode answered in %.1f s (%s)",
+            "case %s: %s mode responded in %.1f s (%s)",
             case.id,
             mode,
             capture.elapsed_s,
@@ -109,7 +109,7 @@ def failed_captures(case: Case, reason: str, modes: list[str] | None = None) -> 
 
 
 def post_chat(case_id: str, mode: str, base_url: str, request: dict[str, Any]) -> Capture:
-    """POST a chat completion to a router and capture the answer, streamed or not."""
+    """POST a chat completion to a router and capture the response, streamed or not."""
     url = f"{base_url}/v1/chat/completions"
     started = time.monotonic()
     try:

@@ -155,7 +155,7 @@ def new_run_id() -> str:
 
 
 def docker_engine_available() -> tuple[bool, str]:
-    """Return whether a Docker engine answers, and why not when it does not."""
+    """Return whether a Docker engine responds to a ping, and the reason when it does not."""
     try:
         import docker
 
@@ -231,10 +231,10 @@ class Session:
     def model_dir(self) -> Path:
         """Return the folder the reference reads the tokenizer, template and configs from.
 
-        That is the configured folder; otherwise, on the CPU stack, the Gemma fixture (built
-        if needed), and on the Docker stack the hub snapshot the servers downloaded into the
-        mounted HF cache, so reference and servers read the same files. On the Docker stack
-        without a configured folder, call this only after the stack started.
+        Without a configured folder, the CPU stack uses the Gemma fixture (built if needed).
+        The Docker stack uses the hub snapshot its servers downloaded into the mounted HF
+        cache, so the reference and the servers read the same files. There, call this only
+        after the stack started.
         """
         if self._model_dir is None:
             from harness.fixture import SERVED_MODEL_NAME, build_fixture, check_model_dir

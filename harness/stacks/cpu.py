@@ -10,7 +10,7 @@ Components, each a process in its own process group on free loopback ports:
 - ``router-http``: the same release in HTTP mode, its worker being the engine's HTTP listener.
 
 Start-up order follows the dependencies, and each step waits with its own strategy until
-the component answers; a failure anywhere stops whatever already started.
+the component is ready. A failure anywhere stops whatever already started.
 """
 
 from __future__ import annotations
@@ -34,7 +34,7 @@ log = logging.getLogger(__name__)
 HOST = "127.0.0.1"
 SERVED_MODEL_NAME = "google/gemma-3-270m-it"
 
-# Loading float32 Gemma 3 270M takes a few seconds; a cold page cache on a busy 2-core
+# Loading float32 Gemma 3 270M takes a few seconds. A cold page cache on a busy 2-core
 # machine has been seen to take much longer, so the bound is generous.
 ENGINE_START_TIMEOUT_S = 300.0
 ROUTER_START_TIMEOUT_S = 180.0
@@ -42,8 +42,8 @@ TAP_START_TIMEOUT_S = 30.0
 # Overrides every start-up bound above, in seconds (e.g. a short bound for a quick failure in CI).
 START_TIMEOUT_ENV = "HARNESS_START_TIMEOUT_S"
 
-# free_port can hand out a port that another process takes before the component binds it;
-# a component that exits with one of these lines in its log is started again on new ports.
+# free_port can hand out a port that another process takes before the component binds it.
+# A component that exits with one of these lines in its log is started again on new ports.
 BIND_FAILURE = re.compile(r"cannot bind|address already in use|address in use", re.IGNORECASE)
 START_ATTEMPTS = 3
 

@@ -286,7 +286,7 @@ def router_probe_command() -> list[str]:
 
 
 def connect(client: Any = None) -> Any:
-    """Return a Docker client that answered a ping; raise StackError when no engine answers."""
+    """Return a Docker client whose ping succeeded; raise StackError when no engine responds."""
     try:
         if client is None:
             import docker
@@ -362,7 +362,7 @@ def reap_containers(
     """Remove containers of earlier runs whose owner process is gone; return their names.
 
     Only containers labelled with ``RUN_ID_LABEL`` are looked at, and the current run's are
-    kept whatever their owner label says.
+    kept whatever their owner label contains.
     """
     removed: list[str] = []
     for container in client.containers.list(all=True, filters={"label": RUN_ID_LABEL}):
@@ -488,7 +488,7 @@ class DockerStack(TapRecordFile, Stack):
 
     @property
     def model_path(self) -> str:
-        """Return the model as the server sees it: the mounted folder, or the hub name."""
+        """Return the model path passed to the servers: the mounted folder, or the hub name."""
         return CONTAINER_MODEL_DIR if self.model_dir is not None else self.served_model_name
 
     # -- lifecycle ---------------------------------------------------------------------------

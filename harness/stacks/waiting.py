@@ -192,7 +192,7 @@ class LogMatches(WaitStrategy):
 # Error codes and messages with which the router rejects a chat request while it is still
 # registering the worker or loading the tokenizer. Each goes away when waiting longer.
 # sglang-router 0.3.x sends tokenizer_not_found, smg sends tokenizer_not_ready.
-# smg 1.11.0 answers 404 model_not_found ("No worker available for model ...") until the worker
+# smg 1.11.0 responds 404 model_not_found ("No worker available for model ...") until the worker
 # it registers in the background has joined.
 RETRYABLE_CHAT_ERRORS = ("tokenizer_not_found", "tokenizer_not_ready", "no available workers",
                          "no healthy workers", "no workers available", "no_available_workers",
