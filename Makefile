@@ -20,8 +20,12 @@ $(STAMP): pyproject.toml
 reproduce: $(STAMP)
 	$(VENV)/bin/python -m pytest -k gemma $(ARGS)
 
+# pytest exits 5 when it collected no test: that is a broken suite, not a pass, and make
+# fails on it like on any other non-zero code.
 test: $(STAMP)
-	$(VENV)/bin/python -m pytest tests $(ARGS)
+	@status=0; $(VENV)/bin/python -m pytest tests $(ARGS) || status=$$?; \
+	if [ $$status -eq 5 ]; then echo "error: pytest collected no tests" >&2; fi; \
+	exit $$status
 
 clean:
 	rm -rf $(VENV) .pytest_cache
