@@ -2,15 +2,16 @@
 
 Every RPC, including methods the tap has no stubs for, is forwarded as raw bytes. The
 server side uses a generic handler without deserializers and the client side a channel
-without serializers, so each side receives byte for byte what the other sent. Every method is proxied as a bidirectional stream, which is
-the same on the wire as unary and server-streaming calls. Client metadata, the deadline
+without serializers, so each side receives byte for byte what the other sent. Every
+method is proxied as a bidirectional stream, which is the same on the wire as unary and
+server-streaming calls. Client metadata, the deadline
 and cancellation are passed upstream; the server's initial and trailing metadata, status
 code and details are passed back.
 
 For ``SglangScheduler/Generate`` the tap also parses a copy of each message and records
 the request, every stream chunk, every ``GenerateComplete`` and any ``GenerateError`` as
 one ``harness.capture.WireRecord`` per call. Each finished call is appended to the record
-file as one JSON line (``"kind": "generate"``); every other call is appended as a small
+file as one JSON line (``"kind": "generate"``). Every other call is appended as a small
 ``"kind": "call"`` line with its method and status.
 """
 

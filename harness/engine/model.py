@@ -6,14 +6,14 @@ reads every weight once. On the 2-core machine this was measured on, torch's
 matrix-vector kernel read an (out, in) weight at about 12 GB/s and the transposed (in, out)
 copy at about 21 GB/s. So every projection, and the tied embedding used as the output head,
 is kept transposed, q/k/v and gate/up are fused, and the KV cache is preallocated per
-sequence. Greedy output stays token for token equal to
-transformers' ``generate`` (checked by tests/test_engine.py).
+sequence. Greedy output stays token for token equal to transformers' ``generate``
+(checked by tests/test_engine.py).
 
 The output head is the largest read (262144 x 640). torch's own threads did not speed up
 its matrix-vector product (about 20 GB/s with 1 or 2 threads), while the same product split
 by vocabulary columns over 2 Python threads, each running torch with 1 thread, read about
-44 GB/s. So torch runs single-threaded and the head is split over a small thread pool; the
-smaller per-layer products stay single-threaded because a pool dispatch per product cost
+44 GB/s. So torch runs single-threaded and the head is split over a small thread pool. The
+smaller per-layer products stay single-threaded, because a pool dispatch per product cost
 more than it saved (measured with benchmarks/engine_decode.py on a 2-core machine).
 """
 

@@ -99,8 +99,9 @@ class _Request:
         self.events: "queue.Queue[TokenEvent | FinishEvent | RequestError]" = queue.Queue()
         self.aborted = threading.Event()
         self.sequences: list[_Sequence] = []
-        # time.monotonic() at submit, at the start of prefill and at its end; the finish log
-        # line reports queue, prefill and decode time from them (benchmarks/diagnosis.py reads it).
+        # time.monotonic() at submit, at the start of prefill and at its end. The finish log
+        # line reports queue, prefill and decode time from them, and benchmarks/diagnosis.py
+        # reads that line.
         self.submitted_at = time.monotonic()
         self.prefill_started_at: float | None = None
         self.prefill_ended_at: float | None = None
